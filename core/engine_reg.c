@@ -1,0 +1,162 @@
+/*
+ * engine_reg.c - the backend registry and the thin mtlz_engine wrapper
+ * (counters, argument checks) shared by every backend. The only file that
+ * knows which backends a build has.
+ */
+#include "engine_impl.h"
+#include "common.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef MTLZ_WITH_CUDA
+extern const struct mtlz_engine_backend_i mtlz_engine_cuda;
+#endif
+
+static const struct mtlz_engine_backend_i *const backends[] = {
+	&mtlz_engine_cpu,
+#ifdef MTLZ_WITH_CUDA
+	&mtlz_engine_cuda,
+#endif
+};
+
+struct mtlz_engine {
+	const struct mtlz_engine_backend_i *be;
+	void *ctx;
+	mtlz_engine_opts opts;
+	int has_model;
+	int input_length;
+	mtlz_engine_stats stats;
+};
+
+const char *mtlz_engine_kinds(void)
+{
+#ifdef MTLZ_WITH_CUDA
+	return "cpu,cuda";
+#else
+	return "cpu";
+#endif
+}
+
+const struct mtlz_engine_backend_i *mtlz_engine_backend_find(const char *name)
+{
+	for (size_t i = 0; i < MTLZ_ARRAY_SIZE(backends); i++)
+		if (strcmp(backends[i]->name, name) == 0)
+			return backends[i];
+	return NULL;
+}
+
+void mtlz_engine_opts_default(mtlz_engine_opts *o)
+{
+	memset(o, 0, sizeof(*o));
+	o->kind = "cpu";
+	o->n_threads = 0;
+	o->max_batch = 64;
+	o->mc_samples = 0;
+	o->seed = 42;
+}
+
+mtlz_engine *mtlz_engine_new(const mtlz_engine_opts *opts, char *errstr,
+			     size_t errstr_size)
+{
+	const char *kind = opts->kind ? opts->kind : "cpu";
+	const struct mtlz_engine_backend_i *be = mtlz_engine_backend_find(kind);
+	mtlz_engine *e;
+
+	if (!be) {
+		mtlz_err(errstr, errstr_size, MTLZ_ERR_UNSUPPORTED,
+			 "engine '%s' is not available in this build (have: %s)",
+			 kind, mtlz_engine_kinds());
+		return NULL;
+	}
+	if (opts->max_batch < 1 || opts->max_batch > 65536 || opts->n_threads < 0 ||
+	    opts->mc_samples < 0 || opts->mc_samples > 10000) {
+		mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID,
+			 "engine options out of range (max_batch %d, threads %d, "
+			 "mc %d)", opts->max_batch, opts->n_threads, opts->mc_samples);
+		return NULL;
+	}
+	e = calloc(1, sizeof(*e));
+	if (!e) {
+		mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory");
+		return NULL;
+	}
+	e->be = be;
+	e->opts = *opts;
+	e->opts.kind = be->name;
+	e->ctx = be->init(&e->opts, errstr, errstr_size);
+	if (!e->ctx) {
+		free(e);
+		return NULL;
+	}
+	return e;
+}
+
+int mtlz_engine_set_model(mtlz_engine *e, const mtlz_model *m, char *errstr,
+			  size_t errstr_size)
+{
+	int rc;
+
+	if (e->be->reserve) {
+		rc = e->be->reserve(e->ctx, mtlz_model_arch(m), e->opts.max_batch,
+				    e->opts.mc_samples, errstr, errstr_size);
+		if (rc)
+			return rc;
+	}
+	rc = e->be->set_model(e->ctx, m, errstr, errstr_size);
+	e->has_model = rc == MTLZ_OK;
+	e->input_length = mtlz_model_arch(m)->input_length;
+	return rc;
+}
+
+int mtlz_engine_run(mtlz_engine *e, const float *x, int n, int mc_samples,
+		    mtlz_output *out, char *errstr, size_t errstr_size)
+{
+	double t0;
+	int rc;
+
+	if (!e->has_model)
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID,
+				"engine %s: no model set", e->be->name);
+	if (n < 0 || n > e->opts.max_batch)
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID,
+				"engine %s: batch of %d, reserved for at most %d",
+				e->be->name, n, e->opts.max_batch);
+	if (mc_samples < 0 || mc_samples > 10000)
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID,
+				"engine %s: %d MC-dropout passes (0..10000)",
+				e->be->name, mc_samples);
+	if (n == 0)
+		return MTLZ_OK;
+	t0 = mtlz_now();
+	rc = e->be->run(e->ctx, x, n, mc_samples, out, errstr, errstr_size);
+	if (rc == MTLZ_OK && e->be->sync)
+		rc = e->be->sync(e->ctx);
+	e->stats.busy_s += mtlz_now() - t0;
+	if (rc == MTLZ_OK) {
+		e->stats.n_batches++;
+		e->stats.n_spectra += (uint64_t)n;
+	}
+	return rc;
+}
+
+const char *mtlz_engine_name(const mtlz_engine *e) { return e->be->name; }
+
+const char *mtlz_engine_describe(const mtlz_engine *e)
+{
+	return e->be->describe ? e->be->describe(e->ctx) : e->be->name;
+}
+
+void mtlz_engine_get_stats(const mtlz_engine *e, mtlz_engine_stats *s)
+{
+	*s = e->stats;
+}
+
+void mtlz_engine_free(mtlz_engine *e)
+{
+	if (!e)
+		return;
+	e->be->free(e->ctx);
+	free(e);
+}

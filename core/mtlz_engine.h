@@ -1,0 +1,70 @@
+/*
+ * mtlz_engine.h - the one inference interface. A batch of preprocessed
+ * spectra (each mtlz_grid_length() floats, mean 1) goes in; class
+ * probabilities, metallicity and its MC-dropout uncertainty come out.
+ *
+ * Backends (CPU now, CUDA later) sit behind struct mtlz_engine_backend_i in
+ * engine_impl.h; callers never see which one runs. An engine owns its packed
+ * copy of the weights, so a new model can be set between two batches
+ * (mtlz_engine_set_model) and the old mtlz_model freed at once: that is how
+ * the daemon will hot-reload.
+ *
+ * @locality one thread at a time per engine (the daemon's infer thread); the
+ * engine runs its own worker threads inside mtlz_engine_run().
+ */
+#ifndef MTLZ_ENGINE_H
+#define MTLZ_ENGINE_H
+
+#include "model.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct mtlz_engine mtlz_engine;
+
+typedef struct mtlz_engine_opts {
+	const char *kind;   /* "cpu" (default when NULL) or "cuda" */
+	int n_threads;      /* worker threads; 0 = one per online CPU */
+	int max_batch;      /* largest n passed to run(); buffers are sized once (64) */
+	int mc_samples;     /* MC-dropout passes reserved for (paper: 100); 0 = none */
+	uint64_t seed;      /* MC-dropout seed */
+} mtlz_engine_opts;
+
+typedef struct mtlz_output {
+	float prob[MTLZ_MAX_CLASSES]; /* softmax of the class head */
+	int cls;                      /* argmax */
+	float metal;                  /* 12 + log(O/H), deterministic pass (dropout off) */
+	float metal_sigma;            /* std of the MC-dropout passes; NaN when mc = 0 */
+} mtlz_output;
+
+typedef struct mtlz_engine_stats {
+	uint64_t n_batches;
+	uint64_t n_spectra;
+	double busy_s;                /* wall time inside run() */
+} mtlz_engine_stats;
+
+void mtlz_engine_opts_default(mtlz_engine_opts *o);
+
+/* Creates an engine of opts->kind; errstr says why not (e.g. "cuda: this
+ * build has no CUDA support"). */
+mtlz_engine *mtlz_engine_new(const mtlz_engine_opts *opts, char *errstr,
+			     size_t errstr_size);
+/* Packs the model's weights into the engine. Between batches only. */
+int mtlz_engine_set_model(mtlz_engine *e, const mtlz_model *m, char *errstr,
+			  size_t errstr_size);
+/* Runs n <= max_batch spectra x[n][input_length]. mc_samples passes of the
+ * metallicity head with dropout give metal_sigma (0: skip, NaN sigma).
+ * The same spectrum gives the same sigma whatever batch it is in: each
+ * spectrum's dropout masks are seeded from the seed and its own features. */
+int mtlz_engine_run(mtlz_engine *e, const float *x, int n, int mc_samples,
+		    mtlz_output *out, char *errstr, size_t errstr_size);
+const char *mtlz_engine_name(const mtlz_engine *e);
+/* A one-line description: backend, ISA, threads. */
+const char *mtlz_engine_describe(const mtlz_engine *e);
+void mtlz_engine_get_stats(const mtlz_engine *e, mtlz_engine_stats *s);
+void mtlz_engine_free(mtlz_engine *e);
+
+/* Comma-separated list of the backends compiled into this build. */
+const char *mtlz_engine_kinds(void);
+
+#endif
