@@ -429,8 +429,9 @@ static int sdss_set_grid(struct rd *r, mtlz_spectrum *s, const double *ll,
 		s->wave[i] = pow(10.0, ll[i]);
 		if (!isfinite(s->wave[i]) || (i && !(s->wave[i] > s->wave[i - 1])))
 			return mtlz_err(r->errstr, r->errstr_size, MTLZ_ERR_FORMAT,
-					"%s: HDU COADD column loglam: not finite "
-					"and increasing at row %zu", r->path, i + 1);
+					"%s: HDU COADD column loglam: row %zu is %g; "
+					"loglam must be finite and increasing",
+					r->path, i + 1, ll[i]);
 	}
 	return MTLZ_OK;
 }
@@ -522,7 +523,8 @@ static int sdss_read_specobjid(struct rd *r, int col, char *id, size_t size)
 }
 
 /* spec_id: SPECOBJID, else PLATE-MJD-FIBERID (zero-padded as in the spec
- * file names) from the table or, failing that, the primary header. */
+ * file names) from the table or, failing that, the primary header, else
+ * the file name without directory. */
 static int sdss_read_id(struct rd *r, mtlz_spectrum *s, const struct sdss_hdr *h)
 {
 	static const char *const pmf[] = { "PLATE", "MJD", "FIBERID" };
@@ -542,8 +544,13 @@ static int sdss_read_id(struct rd *r, mtlz_spectrum *s, const struct sdss_hdr *h
 		if (rc)
 			return rc;
 	}
-	snprintf(s->spec_id, sizeof(s->spec_id), "%04d-%05d-%04d", v[0], v[1],
-		 v[2]);
+	if (v[0] >= 0 && v[1] >= 0 && v[2] >= 0)
+		snprintf(s->spec_id, sizeof(s->spec_id), "%04d-%05d-%04d", v[0],
+			 v[1], v[2]);
+	else
+		copy_trimmed(s->spec_id, sizeof(s->spec_id),
+			     strrchr(r->path, '/') ? strrchr(r->path, '/') + 1 :
+			     r->path);
 	return MTLZ_OK;
 }
 
@@ -760,8 +767,9 @@ static int desi_open_arm(struct rd *r, const struct desi *d, struct desi_arm *a)
 	for (long i = 0; i < n; i++)
 		if (!isfinite(a->wave[i]) || (i && !(a->wave[i] > a->wave[i - 1])))
 			return mtlz_err(r->errstr, r->errstr_size, MTLZ_ERR_FORMAT,
-					"%s: HDU %s: not finite and increasing at "
-					"pixel %ld", r->path, hdu, i);
+					"%s: HDU %s: pixel %ld is %g A; wavelengths "
+					"must be finite and increasing", r->path, hdu,
+					i, a->wave[i]);
 	if ((rc = desi_find_image(r, d, a, "FLUX", 1, &a->hdu_flux)) ||
 	    (rc = desi_find_image(r, d, a, "IVAR", 1, &a->hdu_ivar)) ||
 	    (rc = desi_find_image(r, d, a, "MASK", 0, &a->hdu_mask)))
@@ -776,39 +784,18 @@ static int cmp_arm_start(const void *x, const void *y)
 	return (a->wave[0] > b->wave[0]) - (a->wave[0] < b->wave[0]);
 }
 
-/* Reads the arms present, sorts them blue to red and decides whether they
- * share one linear grid: every pixel of every arm within 1e-3 A of
- * start + j * step, step taken from the bluest arm. */
-static int desi_open_arms(struct rd *r, struct desi *d)
+/* Decides whether the arms (sorted blue to red) share one linear grid:
+ * every pixel of every arm within 1e-3 A of start + j * step, the step
+ * taken from the bluest arm. Sets start/step/n_pix and each arm's offset,
+ * or n_pix to the pixel count of the explicit fallback. */
+static int desi_plan_grid(struct rd *r, struct desi *d)
 {
-	static const char names[] = "BRZ";
+	const struct desi_arm *blue = &d->arm[0];
 	double step, end = -INFINITY;
-	int rc, found;
 
-	for (int i = 0; names[i]; i++) {
-		char hdu[16];
-		struct desi_arm *a = &d->arm[d->n_arms];
-
-		snprintf(hdu, sizeof(hdu), "%c_FLUX", names[i]);
-		rc = rd_has_hdu(r, hdu, &found);
-		if (rc)
-			return rc;
-		if (!found)
-			continue;
-		a->name[0] = names[i];
-		d->n_arms++;
-		rc = desi_open_arm(r, d, a);
-		if (rc)
-			return rc;
-	}
-	if (!d->n_arms)
-		return mtlz_err(r->errstr, r->errstr_size, MTLZ_ERR_FORMAT,
-				"%s: no B/R/Z_FLUX HDU", r->path);
-	qsort(d->arm, (size_t)d->n_arms, sizeof(d->arm[0]), cmp_arm_start);
-	d->start = d->arm[0].wave[0];
-	step = d->arm[0].n_pix > 1 ?
-	       (d->arm[0].wave[d->arm[0].n_pix - 1] - d->start) /
-	       (double)(d->arm[0].n_pix - 1) : 0;
+	d->start = blue->wave[0];
+	step = blue->n_pix > 1 ? (blue->wave[blue->n_pix - 1] - d->start) /
+				 (double)(blue->n_pix - 1) : 0;
 	/* The tolerance must stay well below half a pixel for the rounding
 	 * to land each arm pixel on its merged pixel. */
 	d->linear = step > 4 * FIO_DESI_GRID_TOL;
@@ -835,6 +822,35 @@ static int desi_open_arms(struct rd *r, struct desi *d)
 				"%s: merged B/R/Z grid has %ld pixels (expected 1 "
 				"to %d)", r->path, d->n_pix, FIO_MAX_PIX - 1);
 	return MTLZ_OK;
+}
+
+/* Reads the arms present (B, R, Z; at least one) and plans their grid. */
+static int desi_open_arms(struct rd *r, struct desi *d)
+{
+	static const char names[] = "BRZ";
+	int rc, found;
+
+	for (int i = 0; names[i]; i++) {
+		char hdu[16];
+		struct desi_arm *a = &d->arm[d->n_arms];
+
+		snprintf(hdu, sizeof(hdu), "%c_FLUX", names[i]);
+		rc = rd_has_hdu(r, hdu, &found);
+		if (rc)
+			return rc;
+		if (!found)
+			continue;
+		a->name[0] = names[i];
+		d->n_arms++;
+		rc = desi_open_arm(r, d, a);
+		if (rc)
+			return rc;
+	}
+	if (!d->n_arms)
+		return mtlz_err(r->errstr, r->errstr_size, MTLZ_ERR_FORMAT,
+				"%s: no B/R/Z_FLUX HDU", r->path);
+	qsort(d->arm, (size_t)d->n_arms, sizeof(d->arm[0]), cmp_arm_start);
+	return desi_plan_grid(r, d);
 }
 
 /* Reads FIBERMAP TARGETID and allocates the per-target tables. */
@@ -1145,8 +1161,8 @@ static int desi_alloc_scratch(struct desi *d)
 	return MTLZ_OK;
 }
 
-/* Fills slots[0 .. n_targets) (room reserved by the caller, not yet
- * counted in out->n) and sets *n_out; on error every slot is cleared. */
+/* Fills the n_targets slots after out->v[out->n - 1] (without counting
+ * them in out->n) and sets *n_out; on error every slot is cleared. */
 static int desi_read(struct rd *r, mtlz_spectra *out, size_t *n_out)
 {
 	struct desi d = { 0 };
@@ -1258,6 +1274,29 @@ static int read_open(struct rd *r, mtlz_spectra *out)
 	return rc;
 }
 
+/* Explains why fits_open_diskfile failed with status st. */
+static int open_failed(struct rd *r, int st)
+{
+	struct stat sb;
+
+	if (st == FILE_NOT_OPENED && access(r->path, R_OK) != 0) {
+		fits_clear_errmsg();
+		return mtlz_err(r->errstr, r->errstr_size, MTLZ_ERR_IO,
+				"%s: cannot open: %s", r->path, strerror(errno));
+	}
+	/* A short read of a file that is no whole number of 2880-byte FITS
+	 * blocks is a bad file, not a failing disk. */
+	if (st == READ_ERROR && stat(r->path, &sb) == 0 &&
+	    sb.st_size % 2880 != 0) {
+		fits_clear_errmsg();
+		return mtlz_err(r->errstr, r->errstr_size, MTLZ_ERR_FORMAT,
+				"%s: opening: %lld bytes, not a whole number of "
+				"2880-byte FITS blocks (truncated, or not FITS)",
+				r->path, (long long)sb.st_size);
+	}
+	return rd_fail(r, st, "opening");
+}
+
 int mtlz_fits_read(const char *path, mtlz_spectra *out, char *errstr,
 		   size_t errstr_size)
 {
@@ -1269,24 +1308,8 @@ int mtlz_fits_read(const char *path, mtlz_spectra *out, char *errstr,
 				"mtlz_fits_read: NULL %s", path ? "out" : "path");
 	if (errstr && errstr_size)
 		errstr[0] = '\0';
-	if (fits_open_diskfile(&r.f, path, READONLY, &st)) {
-		struct stat sb;
-
-		if (st == FILE_NOT_OPENED && access(path, R_OK) != 0)
-			return mtlz_err(errstr, errstr_size, MTLZ_ERR_IO,
-					"%s: cannot open: %s", path, strerror(errno));
-		/* A short read of a file that is no whole number of 2880-byte
-		 * FITS blocks is a bad file, not a failing disk. */
-		if (st == READ_ERROR && stat(path, &sb) == 0 &&
-		    sb.st_size % 2880 != 0) {
-			fits_clear_errmsg();
-			return mtlz_err(errstr, errstr_size, MTLZ_ERR_FORMAT,
-					"%s: opening: %lld bytes, not a whole number "
-					"of 2880-byte FITS blocks (truncated, or not "
-					"FITS)", path, (long long)sb.st_size);
-		}
-		return rd_fail(&r, st, "opening");
-	}
+	if (fits_open_diskfile(&r.f, path, READONLY, &st))
+		return open_failed(&r, st);
 	rc = read_open(&r, out);
 	st = 0;
 	fits_close_file(r.f, &st);

@@ -3,6 +3,9 @@
  */
 #include "ref_nn.h"
 
+/* tensor names are built from formats assembled at run time */
+#pragma GCC diagnostic ignored "-Wformat-nonliteral"
+
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -64,7 +67,8 @@ void ref_linear(const float *x, int in, const float *w, const float *b, int out,
 	}
 }
 
-static const float *T(const mtlz_model *m, const char *fmt, int a, int b)
+static const float *
+T(const mtlz_model *m, const char *fmt, int a, int b)
 {
 	char name[64];
 	const mtlz_tensor *t;

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages mtlz builds, tests and benchmarks with.
+# Idempotent: does nothing (and needs no network) when all are present.
+# Run as root, or with sudo available.
+set -euo pipefail
+
+# build + core library
+PKGS="cmake make gcc pkg-config libcfitsio-dev libopenblas-dev libjansson-dev"
+# tests
+PKGS="$PKGS libcriterion-dev"
+# PyTorch reference for the cross-check test and the benchmark (Debian's
+# python3-torch runs on the system /usr/bin/python3)
+PKGS="$PKGS python3 python3-numpy python3-torch"
+
+missing=""
+for p in $PKGS; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||
+		missing="$missing $p"
+done
+[ -z "$missing" ] && exit 0
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+echo "mtlz: installing:$missing" >&2
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+# shellcheck disable=SC2086
+$SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
