@@ -294,6 +294,8 @@ static int sdss_unnamed_coadd(struct rd *r, int *found)
 	return MTLZ_OK;
 }
 
+/* An SDSS/BOSS spec file: a COADD table (named, or unnamed HDU 2) and a
+ * SPECOBJ or SPALL table; remembers where they are. */
 static int detect_sdss(struct rd *r, int *is_sdss)
 {
 	int rc, found;
@@ -319,6 +321,8 @@ static int detect_sdss(struct rd *r, int *is_sdss)
 	return MTLZ_OK;
 }
 
+/* Sets *type from the HDU names; MTLZ_ERR_FORMAT, listing the HDUs found,
+ * when the file is neither kind. */
 static int detect(struct rd *r, int *type)
 {
 	static const char *const arms[] = { "B_FLUX", "R_FLUX", "Z_FLUX" };

@@ -100,6 +100,10 @@ static int parse_entry(mtlz_st_tensor *t, const char *key, json_t *v,
 					"%s: tensor '%s': bad shape dimension %zu",
 					name, key, i);
 		t->shape[i] = d;
+		/* checked before multiplying: n * d could wrap to 0 */
+		if (d && n > ((int64_t)1 << 40) / d)
+			return mtlz_err(errstr, errstr_size, MTLZ_ERR_FORMAT,
+					"%s: tensor '%s': shape too large", name, key);
 		n *= d;
 		if (n > ((int64_t)1 << 40))
 			return mtlz_err(errstr, errstr_size, MTLZ_ERR_FORMAT,
