@@ -61,7 +61,8 @@ void mtlz_grid_default(mtlz_grid *g)
 
 int mtlz_grid_length(const mtlz_grid *g)
 {
-	if (!(g->dw > 0) || !(g->wmax > g->wmin))
+	if (!(g->dw > 0) || !(g->wmax > g->wmin) ||
+	    !((g->wmax - g->wmin) / g->dw < 1e7))
 		return 0;
 	return (int)floor((g->wmax - g->wmin) / g->dw + 1e-6) + 1;
 }
@@ -255,7 +256,14 @@ int mtlz_arch_from_json(mtlz_arch *a, const char *js, char *errstr,
 		goto out;
 	}
 	a->dropout = (float)json_number_value(v);
-	rc = mtlz_arch_validate(a, errstr, errstr_size);
+	{
+		char verr[256];
+
+		/* prefixed like the format errors above, so a load names the key */
+		rc = mtlz_arch_validate(a, verr, sizeof(verr));
+		if (rc)
+			mtlz_err(errstr, errstr_size, rc, "mtlz.arch: %s", verr);
+	}
 out:
 	json_decref(o);
 	return rc;

@@ -169,7 +169,8 @@ static int parse(mtlz_st *st, const char *name, char *errstr, size_t errstr_size
 
 	st->tensors = calloc(json_object_size(st->header) + 1, sizeof(*st->tensors));
 	if (!st->tensors)
-		return MTLZ_ERR_NOMEM;
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM,
+				"%s: out of memory", name);
 	json_object_foreach(st->header, key, v) {
 		if (strcmp(key, "__metadata__") == 0) {
 			meta = v;
@@ -215,7 +216,8 @@ static int parse(mtlz_st *st, const char *name, char *errstr, size_t errstr_size
 		st->meta_keys = calloc(json_object_size(meta) + 1, sizeof(char *));
 		st->meta_values = calloc(json_object_size(meta) + 1, sizeof(char *));
 		if (!st->meta_keys || !st->meta_values)
-			return MTLZ_ERR_NOMEM;
+			return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM,
+					"%s: out of memory", name);
 		json_object_foreach(meta, key, v) {
 			if (!json_is_string(v))
 				return mtlz_err(errstr, errstr_size, MTLZ_ERR_FORMAT,
@@ -341,9 +343,28 @@ int mtlz_st_write(const char *path, const mtlz_st_out *tensors, size_t n,
 		meta = json_object();
 		if (!meta)
 			goto out;
-		for (i = 0; i < n_meta; i++)
-			json_object_set_new(meta, meta_keys[i], json_string(meta_values[i]));
+		for (i = 0; i < n_meta; i++) {
+			json_t *v = json_string(meta_values[i]);
+
+			/* NULL for invalid UTF-8 */
+			if (!v || json_object_set_new(meta, meta_keys[i], v)) {
+				json_decref(meta);
+				rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID,
+					      "%s: metadata '%s' is not valid UTF-8",
+					      path, meta_keys[i]);
+				goto out;
+			}
+		}
 		json_object_set_new(hdr, "__metadata__", meta);
+	}
+	for (i = 0; i < n; i++) {
+		if (strcmp(tensors[i].name, "__metadata__") == 0 ||
+		    json_object_get(hdr, tensors[i].name)) {
+			rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID,
+				      "%s: tensor name '%s' reserved or repeated",
+				      path, tensors[i].name);
+			goto out;
+		}
 	}
 	for (i = 0; i < n; i++) {
 		json_t *e = json_object(), *shape = json_array();
