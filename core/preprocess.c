@@ -20,7 +20,13 @@
 struct mtlz_prep_ws {
 	double *gw;   /* good-node wavelengths */
 	float *gf;    /* good-node fluxes */
+	int32_t *gi;  /* good-node pixel indices (uniform grids) */
+	int32_t *rank;/* per input pixel: index of the last good node at or before it */
 	size_t cap;
+	/* log10 of the output wavelengths, for log-linear inputs; cached per grid */
+	double *logw;
+	mtlz_grid logw_grid;
+	int n_logw;
 };
 
 void mtlz_prep_opts_default(mtlz_prep_opts *o)
@@ -45,6 +51,9 @@ void mtlz_prep_ws_free(mtlz_prep_ws *ws)
 		return;
 	free(ws->gw);
 	free(ws->gf);
+	free(ws->rank);
+	free(ws->gi);
+	free(ws->logw);
 	free(ws);
 }
 
@@ -52,6 +61,7 @@ static int ws_reserve(mtlz_prep_ws *ws, size_t n)
 {
 	double *gw;
 	float *gf;
+	int32_t *rank;
 
 	if (n <= ws->cap)
 		return MTLZ_OK;
@@ -63,7 +73,31 @@ static int ws_reserve(mtlz_prep_ws *ws, size_t n)
 	if (!gf)
 		return MTLZ_ERR_NOMEM;
 	ws->gf = gf;
+	rank = realloc(ws->rank, n * sizeof(*rank));
+	if (!rank)
+		return MTLZ_ERR_NOMEM;
+	ws->rank = rank;
+	rank = realloc(ws->gi, n * sizeof(*rank));
+	if (!rank)
+		return MTLZ_ERR_NOMEM;
+	ws->gi = rank;
 	ws->cap = n;
+	return MTLZ_OK;
+}
+
+static int ws_logw(mtlz_prep_ws *ws, const mtlz_grid *g, int n_out)
+{
+	if (ws->logw && ws->n_logw == n_out && ws->logw_grid.wmin == g->wmin &&
+	    ws->logw_grid.dw == g->dw)
+		return MTLZ_OK;
+	free(ws->logw);
+	ws->logw = malloc((size_t)n_out * sizeof(double));
+	if (!ws->logw)
+		return MTLZ_ERR_NOMEM;
+	for (int j = 0; j < n_out; j++)
+		ws->logw[j] = log10(g->wmin + j * g->dw);
+	ws->logw_grid = *g;
+	ws->n_logw = n_out;
 	return MTLZ_OK;
 }
 
@@ -144,57 +178,155 @@ int mtlz_mask_bits_parse(const char *s, uint32_t *bits, char *errstr,
 	return MTLZ_OK;
 }
 
-/* Fills ws with the good nodes; counts bad pixels inside [lo, hi]. */
-static int collect_nodes(const mtlz_spectrum *s, const mtlz_prep_opts *o,
-			 mtlz_prep_ws *ws, double lo, double hi, size_t *n_good,
-			 size_t *n_in, size_t *n_bad, int *nonfinite)
+/* Wavelength of pixel i of a uniform (linear or log-linear) grid. */
+static inline double wave_of(const mtlz_spectrum *s, long i)
 {
-	double w = 0.0, ratio = 1.0;
-	size_t g = 0, in = 0, bad = 0;
+	if (s->grid_kind == MTLZ_GRID_LINEAR)
+		return s->start + (double)i * s->step;
+	return exp(2.302585092994045684 * (s->start + (double)i * s->step));
+}
 
-	if (s->grid_kind == MTLZ_GRID_LOGLAM)
-		ratio = pow(10.0, s->step);
+/* Pixel coordinate of wavelength w (log10 w given for log grids). */
+static inline double pixel_of(const mtlz_spectrum *s, double w, double log10w)
+{
+	return ((s->grid_kind == MTLZ_GRID_LINEAR ? w : log10w) - s->start) / s->step;
+}
+
+struct nodes {
+	size_t n_good, n_in, n_bad;
+	int nonfinite;
+	double first_w, last_w, max_gap;
+};
+
+/*
+ * Explicit grids: fills ws->gw/gf with the good nodes; counts input and bad
+ * pixels inside [lo, hi] and finds the widest gap there. Fails if the
+ * wavelengths are not finite and strictly increasing.
+ */
+static int collect_explicit(const mtlz_spectrum *s, const mtlz_prep_opts *o,
+			    mtlz_prep_ws *ws, double lo, double hi, struct nodes *nd)
+{
+	const uint32_t *mask = o->and_mask_bits ? s->and_mask : NULL;
+	double prev = -1.0;
+	size_t g = 0;
+
 	for (size_t i = 0; i < s->n; i++) {
-		int ok;
+		const double w = s->wave[i];
+		const float f = s->flux[i];
+		int ok = isfinite(f);
 
-		switch (s->grid_kind) {
-		case MTLZ_GRID_LOGLAM:
-			/* exact every 256 pixels, one multiply in between */
-			w = (i & 255) ? w * ratio : pow(10.0, s->start + (double)i * s->step);
-			break;
-		case MTLZ_GRID_LINEAR:
-			w = s->start + (double)i * s->step;
-			break;
-		default:
-			w = s->wave[i];
-			if (!isfinite(w) || (i && !(w > s->wave[i - 1])))
-				return MTLZ_ERR_REJECT;
-		}
-		ok = isfinite(s->flux[i]);
-		if (s->ivar) {
-			if (!isfinite(s->ivar[i]))
-				ok = 0;
-			else if (!(s->ivar[i] > 0.0f))
-				ok = ok ? -1 : 0; /* bad but finite */
-		}
-		if (!isfinite(s->flux[i]) || (s->ivar && !isfinite(s->ivar[i])))
-			*nonfinite = 1;
-		if (ok > 0 && s->and_mask && (s->and_mask[i] & o->and_mask_bits))
-			ok = -1;
+		if (!isfinite(w) || (i && !(w > s->wave[i - 1])))
+			return MTLZ_ERR_REJECT;
+		if (s->ivar)
+			ok &= isfinite(s->ivar[i]) && s->ivar[i] > 0.0f;
+		nd->nonfinite |= !isfinite(f) || (s->ivar && !isfinite(s->ivar[i]));
+		if (mask)
+			ok &= !(mask[i] & o->and_mask_bits);
 		if (w >= lo && w <= hi) {
-			in++;
-			bad += ok <= 0;
+			nd->n_in++;
+			nd->n_bad += !ok;
 		}
-		if (ok > 0) {
-			ws->gw[g] = w;
-			ws->gf[g] = s->flux[i];
-			g++;
-		}
+		if (!ok)
+			continue;
+		if (prev >= 0.0 && w > lo && prev < hi)
+			nd->max_gap = MTLZ_MAX(nd->max_gap, MTLZ_MIN(w, hi) - MTLZ_MAX(prev, lo));
+		prev = w;
+		ws->gw[g] = w;
+		ws->gf[g] = f;
+		g++;
 	}
-	*n_good = g;
-	*n_in = in;
-	*n_bad = bad;
+	nd->n_good = g;
+	if (g) {
+		nd->first_w = ws->gw[0];
+		nd->last_w = ws->gw[g - 1];
+	}
 	return MTLZ_OK;
+}
+
+/* The compaction loop, specialised (after inlining) for which of ivar and
+ * and_mask are present. Returns the number of good nodes. */
+static inline __attribute__((always_inline)) long
+compact(const float *flux, const float *ivar, const uint32_t *mask,
+	uint32_t bits, long n, int32_t *gi, float *gf, int32_t *rank, int *nonfinite,
+	const int with_ivar, const int with_mask)
+{
+	long g = 0;
+	int nf = 0;
+
+	for (long i = 0; i < n; i++) {
+		const float f = flux[i];
+		int ok = isfinite(f) != 0;
+
+		nf |= !ok;
+		if (with_ivar) {
+			const int fin = isfinite(ivar[i]) != 0;
+
+			nf |= !fin;
+			ok &= fin & (ivar[i] > 0.0f);
+		}
+		if (with_mask)
+			ok &= (mask[i] & bits) == 0;
+		gi[g] = (int32_t)i;
+		gf[g] = f;
+		g += ok;
+		rank[i] = (int32_t)(g - 1);
+	}
+	*nonfinite = nf;
+	return g;
+}
+
+/*
+ * Uniform grids: one branch-free pass stores the good nodes as pixel indices
+ * (gi, gf) and rank[i] = index of the last good node at or before pixel i.
+ * Wavelengths are computed only where needed: at the ends and across gaps.
+ */
+static void collect_uniform(const mtlz_spectrum *s, const mtlz_prep_opts *o,
+			    mtlz_prep_ws *ws, double lo, double hi, struct nodes *nd)
+{
+	const float *flux = s->flux, *ivar = s->ivar;
+	const uint32_t *mask = o->and_mask_bits ? s->and_mask : NULL;
+	const uint32_t bits = o->and_mask_bits;
+	const long n = (long)s->n;
+	int32_t *gi = ws->gi, *rank = ws->rank;
+	float *gf = ws->gf;
+	long g = 0, ilo, ihi;
+	int nf = 0;
+
+	if (ivar && mask)
+		g = compact(flux, ivar, mask, bits, n, gi, gf, rank, &nf, 1, 1);
+	else if (ivar)
+		g = compact(flux, ivar, NULL, 0, n, gi, gf, rank, &nf, 1, 0);
+	else if (mask)
+		g = compact(flux, NULL, mask, bits, n, gi, gf, rank, &nf, 0, 1);
+	else
+		g = compact(flux, NULL, NULL, 0, n, gi, gf, rank, &nf, 0, 0);
+	nd->n_good = (size_t)g;
+	nd->nonfinite = nf;
+	/* input pixels inside the window, and how many of them are good */
+	ilo = (long)ceil(pixel_of(s, lo, log10(lo)) - 1e-9);
+	ihi = (long)floor(pixel_of(s, hi, log10(hi)) + 1e-9);
+	ilo = MTLZ_MAX(ilo, 0);
+	ihi = MTLZ_MIN(ihi, n - 1);
+	if (ihi >= ilo) {
+		const long good = rank[ihi] - (ilo > 0 ? rank[ilo - 1] : -1);
+
+		nd->n_in = (size_t)(ihi - ilo + 1);
+		nd->n_bad = nd->n_in - (size_t)good;
+	}
+	if (!g)
+		return;
+	nd->first_w = wave_of(s, gi[0]);
+	nd->last_w = wave_of(s, gi[g - 1]);
+	for (long k = 0; k + 1 < g; k++) {
+		double a, b;
+
+		if (gi[k + 1] - gi[k] == 1 && k)
+			continue; /* regular spacing: measured once, at k = 0 */
+		a = MTLZ_MAX(wave_of(s, gi[k]), lo);
+		b = MTLZ_MIN(wave_of(s, gi[k + 1]), hi);
+		if (b - a > nd->max_gap)
+			nd->max_gap = b - a;
+	}
 }
 
 static int grid_ok(const mtlz_spectrum *s)
@@ -233,6 +365,91 @@ reject(const mtlz_spectrum *s, mtlz_prep_info *info, float *out, size_t n_out,
 			s->source[0] ? ")" : "", detail);
 }
 
+/* Value at w between good nodes p and p + 1 (p = -1 / last: edge held). */
+static inline double interp_at(const mtlz_prep_ws *ws, long p, size_t n_good,
+			       double w)
+{
+	double t;
+
+	if (p < 0)
+		return ws->gf[0];
+	if ((size_t)p + 1 >= n_good)
+		return ws->gf[n_good - 1];
+	t = (w - ws->gw[p]) / (ws->gw[p + 1] - ws->gw[p]);
+	return ws->gf[p] + t * ((double)ws->gf[p + 1] - ws->gf[p]);
+}
+
+/* Explicit grids: merge-walk, p = last node with gw[p] <= w. */
+static double interp_walk(const mtlz_prep_ws *ws, size_t n_good, double w0,
+			  double dw, int n_out, float *out)
+{
+	double sum = 0.0;
+	long p = -1;
+
+	for (int j = 0; j < n_out; j++) {
+		const double w = w0 + j * dw;
+		double f;
+
+		while ((size_t)(p + 1) < n_good && ws->gw[p + 1] <= w)
+			p++;
+		f = interp_at(ws, p, n_good, w);
+		out[j] = (float)f;
+		sum += f;
+	}
+	return sum;
+}
+
+/*
+ * Uniform grids: the pixel coordinate x of each output wavelength is
+ * computed directly and rank[] gives the good node at or before it, so there
+ * is no search. Between adjacent good pixels the linear-in-wavelength weight
+ * needs no division: t = x - a on a linear grid, and on a log grid
+ * t = expm1(u) / expm1(step ln 10) with u = (x - a) step ln 10 < 2.3e-4,
+ * where a cubic gives expm1 to 1e-16. Across gaps the wavelengths are used.
+ */
+static double interp_uniform(const mtlz_spectrum *s, const mtlz_prep_ws *ws,
+			     size_t n_good, double w0, double dw, int n_out,
+			     float *out)
+{
+	const int lin = s->grid_kind == MTLZ_GRID_LINEAR;
+	const double inv = 1.0 / s->step, last = (double)(s->n - 1);
+	const double al = s->step * 2.302585092994045684, inv_c = 1.0 / expm1(al);
+	const int32_t *gi = ws->gi, *rank = ws->rank;
+	const float *gf = ws->gf;
+	const long g = (long)n_good;
+	double sum = 0.0;
+
+	for (int j = 0; j < n_out; j++) {
+		const double w = w0 + j * dw;
+		const double x = ((lin ? w : ws->logw[j]) - s->start) * inv;
+		const long p = x < 0.0 ? -1 : rank[(size_t)(x < last ? x : last)];
+		double f, t;
+
+		if (p < 0) {
+			f = gf[0];
+		} else if (p + 1 >= g) {
+			f = gf[g - 1];
+		} else {
+			const long a = gi[p], b = gi[p + 1];
+
+			if (b == a + 1) {
+				const double d = x - (double)a;
+				const double u = d * al;
+
+				t = lin ? d : u * (1.0 + u * (0.5 + u * (1.0 / 6.0))) * inv_c;
+			} else {
+				const double wa = wave_of(s, a), wb = wave_of(s, b);
+
+				t = (w - wa) / (wb - wa);
+			}
+			f = gf[p] + t * ((double)gf[p + 1] - gf[p]);
+		}
+		out[j] = (float)f;
+		sum += f;
+	}
+	return sum;
+}
+
 int mtlz_preprocess(const mtlz_spectrum *s, const mtlz_prep_opts *o,
 		    mtlz_prep_ws *ws, float *out, mtlz_prep_info *info,
 		    char *errstr, size_t errstr_size)
@@ -240,9 +457,8 @@ int mtlz_preprocess(const mtlz_spectrum *s, const mtlz_prep_opts *o,
 	const double w0 = o->grid.wmin, dw = o->grid.dw;
 	const int n_out = mtlz_grid_length(&o->grid);
 	const double w1 = w0 + (n_out - 1) * dw;
-	size_t n_good = 0, n_in = 0, n_bad = 0, p = 0;
-	int nonfinite = 0;
-	double sum = 0.0, lo, hi, gap = 0.0;
+	struct nodes nd = { 0 };
+	double sum = 0.0, lo, hi;
 
 	memset(info, 0, sizeof(*info));
 	if (s->zwarning > 0)
@@ -256,26 +472,28 @@ int mtlz_preprocess(const mtlz_spectrum *s, const mtlz_prep_opts *o,
 			      s->n, s->step);
 	if (ws_reserve(ws, s->n) != MTLZ_OK)
 		return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory");
-	if (collect_nodes(s, o, ws, w0, w1, &n_good, &n_in, &n_bad, &nonfinite))
+	if (s->grid_kind != MTLZ_GRID_EXPLICIT)
+		collect_uniform(s, o, ws, w0, w1, &nd);
+	else if (collect_explicit(s, o, ws, w0, w1, &nd) != MTLZ_OK)
 		return reject(s, info, out, (size_t)n_out, MTLZ_REJECT_BAD_GRID,
 			      errstr, errstr_size,
 			      "explicit wavelengths not finite and strictly "
 			      "increasing");
-	if (nonfinite)
+	if (nd.nonfinite)
 		info->flags |= MTLZ_FLAG_NONFINITE;
-	info->bad_frac = n_in ? (double)n_bad / (double)n_in : 1.0;
-	if (n_good == 0)
+	info->bad_frac = nd.n_in ? (double)nd.n_bad / (double)nd.n_in : 1.0;
+	if (nd.n_good == 0)
 		return reject(s, info, out, (size_t)n_out, MTLZ_REJECT_NO_DATA,
 			      errstr, errstr_size,
 			      "no good pixel (%zu pixels, all masked or "
 			      "non-finite)", s->n);
 
-	lo = MTLZ_MAX(ws->gw[0], w0);
-	hi = MTLZ_MIN(ws->gw[n_good - 1], w1);
+	lo = MTLZ_MAX(nd.first_w, w0);
+	hi = MTLZ_MIN(nd.last_w, w1);
 	info->coverage = hi > lo ? (hi - lo) / (w1 - w0) : 0.0;
-	if (ws->gw[0] > w0 + dw)
+	if (nd.first_w > w0 + dw)
 		info->flags |= MTLZ_FLAG_BLUE_SHORT;
-	if (ws->gw[n_good - 1] < w1 - dw)
+	if (nd.last_w < w1 - dw)
 		info->flags |= MTLZ_FLAG_RED_SHORT;
 	if (info->coverage < o->min_coverage)
 		return reject(s, info, out, (size_t)n_out, MTLZ_REJECT_COVERAGE,
@@ -292,35 +510,16 @@ int mtlz_preprocess(const mtlz_spectrum *s, const mtlz_prep_opts *o,
 	if (info->bad_frac > o->warn_bad_frac)
 		info->flags |= MTLZ_FLAG_BAD_PIXELS;
 
-	for (size_t g = 1; g < n_good; g++) {
-		double a = MTLZ_MAX(ws->gw[g - 1], w0), b = MTLZ_MIN(ws->gw[g], w1);
-
-		if (b - a > gap)
-			gap = b - a;
-	}
-	info->max_gap = gap;
-	if (gap > o->max_gap)
+	info->max_gap = nd.max_gap;
+	if (nd.max_gap > o->max_gap)
 		info->flags |= MTLZ_FLAG_LARGE_GAP;
-
-	/* Merge-walk: p is the last node with gw[p] <= w (or 0). */
-	for (int j = 0; j < n_out; j++) {
-		const double w = w0 + j * dw;
-		double f;
-
-		while (p + 1 < n_good && ws->gw[p + 1] <= w)
-			p++;
-		if (w <= ws->gw[0])
-			f = ws->gf[0];
-		else if (p + 1 >= n_good)
-			f = ws->gf[n_good - 1];
-		else {
-			const double t = (w - ws->gw[p]) / (ws->gw[p + 1] - ws->gw[p]);
-
-			f = ws->gf[p] + t * ((double)ws->gf[p + 1] - ws->gf[p]);
-		}
-		out[j] = (float)f;
-		sum += f;
-	}
+	if (s->grid_kind == MTLZ_GRID_EXPLICIT)
+		sum = interp_walk(ws, nd.n_good, w0, dw, n_out, out);
+	else if (s->grid_kind == MTLZ_GRID_LINEAR ||
+		 ws_logw(ws, &o->grid, n_out) == MTLZ_OK)
+		sum = interp_uniform(s, ws, nd.n_good, w0, dw, n_out, out);
+	else
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory");
 	info->mean_flux = sum / n_out;
 	if (!(info->mean_flux > 0.0) || !isfinite(info->mean_flux) ||
 	    !isfinite((float)(1.0 / info->mean_flux)))
