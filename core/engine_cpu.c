@@ -147,8 +147,15 @@ static int same_arch(const mtlz_arch *a, const mtlz_arch *b)
 	return memcmp(a, b, sizeof(*a)) == 0;
 }
 
-/* Which layers take the BLAS path: measured per layer with
- * `mtlz bench --layers` (docs/engine.md); MTLZ_CPU_CONV=own|blas forces. */
+/*
+ * Which layers take the BLAS path. Measured on this project's Zen 4 machine
+ * (docs/engine.md): inside the engine our prepacked 6x16 AVX2 kernel beats
+ * im2col + OpenBLAS sgemm on every layer (OpenBLAS wins the wide layers
+ * only when timed alone with hot caches; in the pipeline it repacks the
+ * weights on every call), so with AVX2 every layer is ours. Without AVX2 the
+ * portable kernel is ~10x slower than OpenBLAS, which then takes every layer
+ * but the first (K = 3). MTLZ_CPU_CONV=own|blas forces either, for benches.
+ */
 static int want_blas(const struct cpu_ctx *c, int cin_pad, int cout_pad)
 {
 	const char *env = getenv("MTLZ_CPU_CONV");
@@ -157,12 +164,7 @@ static int want_blas(const struct cpu_ctx *c, int cin_pad, int cout_pad)
 		return 1;
 	if (env && strcmp(env, "own") == 0)
 		return 0;
-	/* Measured on Zen 4 (docs/engine.md): the 6x16 AVX2 kernel wins up to
-	 * 64 input channels (2-6x for the first layers, whose GEMMs are too
-	 * thin for BLAS); OpenBLAS's larger register blocking wins from 128. */
-	if (c->isa != MTLZ_ISA_AVX2)
-		return cin_pad >= 32;
-	return cin_pad >= 128;
+	return c->isa != MTLZ_ISA_AVX2 && cin_pad > 1;
 }
 
 static int cpu_reserve(void *ctx, const mtlz_arch *a, int max_batch, int mc,
