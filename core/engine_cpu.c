@@ -513,11 +513,19 @@ static void heads_one(struct cpu_ctx *c, int i, int mc, mtlz_output *o, int tid)
 		double s = 0, s2 = 0;
 		mtlz_rng rng;
 
+		/* Bernoulli(keep) from 16-bit slices of each 64-bit draw: four
+		 * masks per draw, keep resolved to 1/65536. */
+		const uint32_t keep16 = (uint32_t)lrintf(keep * 65536.0f);
+		const size_t n_mask = (size_t)mc * C;
+		uint64_t bits = 0;
+
 		mtlz_rng_seed(&rng, hash_floats(f, C, c->seed));
-		for (int t = 0; t < mc; t++)
-			for (int ch = 0; ch < C; ch++)
-				rows[(size_t)t * C + ch] =
-					mtlz_rng_uniform(&rng) < keep ? f[ch] * scale : 0.0f;
+		for (size_t k = 0; k < n_mask; k++) {
+			if ((k & 3) == 0)
+				bits = mtlz_rng_next(&rng);
+			rows[k] = (uint32_t)(bits & 0xffff) < keep16 ? f[k % C] * scale : 0.0f;
+			bits >>= 16;
+		}
 		run_head(c, &c->head[1], rows, mc, v, h0, h1);
 		for (int t = 0; t < mc; t++)
 			s += v[t];

@@ -383,3 +383,46 @@ Test(engine, rejects_batches_beyond_reservation)
 	cr_assert_null(mtlz_engine_new(&eo, err, sizeof(err)));
 	cr_assert(strstr(err, "tpu"));
 }
+
+Test(engine, mc_dropout_sigma_matches_analytic_variance_of_linear_head)
+{
+	/* With no hidden layer the metal head is linear: y = b + sum_i w_i m_i
+	 * f_i / keep, m_i ~ Bernoulli(keep), so Var y = (1 - keep) / keep *
+	 * sum_i (w_i f_i)^2. 4000 passes estimate the std to ~1.1 %. */
+	enum { MC = 4000 };
+	mtlz_arch a;
+	mtlz_grid g;
+	char err[256];
+	mtlz_model *m;
+	mtlz_engine_opts eo;
+	mtlz_engine *e;
+	mtlz_output o;
+	float x[401], p[MTLZ_MAX_CLASSES], metal, feat[32];
+	const float *w;
+	double var = 0;
+	mtlz_rng r;
+
+	small_arch(&a, &g);
+	a.n_hidden = 0;
+	a.dropout = 0.3f;
+	m = mtlz_model_new_random(&a, &g, 19, err, sizeof(err));
+	cr_assert_not_null(m, "%s", err);
+	mtlz_model_set_target(m, 8.0, 0.5);
+	mtlz_rng_seed(&r, 9);
+	fill(x, 401, &r, 0.5, 1.5);
+	ref_forward(m, x, p, &metal, feat);
+	w = mtlz_model_find(m, "heads.metal.fc1.weight")->data;
+	for (int i = 0; i < 32; i++)
+		var += (double)w[i] * w[i] * feat[i] * feat[i];
+	var *= 0.3 / 0.7;
+	mtlz_engine_opts_default(&eo);
+	eo.max_batch = 1;
+	eo.mc_samples = MC;
+	e = mtlz_engine_new(&eo, err, sizeof(err));
+	cr_assert_eq(mtlz_engine_set_model(e, m, err, sizeof(err)), MTLZ_OK, "%s", err);
+	cr_assert_eq(mtlz_engine_run(e, x, 1, MC, &o, err, sizeof(err)), MTLZ_OK, "%s", err);
+	cr_assert_float_eq(o.metal_sigma, 0.5 * sqrt(var), 0.05 * 0.5 * sqrt(var),
+			   "MC sigma %g, analytic %g", (double)o.metal_sigma, 0.5 * sqrt(var));
+	mtlz_engine_free(e);
+	mtlz_model_free(m);
+}
