@@ -426,3 +426,21 @@ Test(engine, mc_dropout_sigma_matches_analytic_variance_of_linear_head)
 	mtlz_engine_free(e);
 	mtlz_model_free(m);
 }
+
+Test(engine, global_average_pool_matches_reference)
+{
+	enum { LEN = 21, C = 48 };
+	float x[LEN * C], g[C];
+	mtlz_rng r;
+
+	mtlz_rng_seed(&r, 10);
+	fill(x, LEN * C, &r, -2, 2);
+	mtlz_gap_nlc(x, LEN, C, g);
+	for (int c = 0; c < C; c++) {
+		double s = 0;
+
+		for (int l = 0; l < LEN; l++)
+			s += x[l * C + c];
+		cr_assert_float_eq(g[c], s / LEN, 1e-6);
+	}
+}
