@@ -1,0 +1,1 @@
+/* avro_io.c - being written (see avro_io.h). */

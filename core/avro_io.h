@@ -1,0 +1,98 @@
+/*
+ * avro_io.h - Avro (Avro C 1.11) encoding and decoding of the messages the
+ * daemon reads and writes, with the schemas in schemas/*.avsc as the
+ * contract:
+ *   spectrum.avsc  what a reduction pipeline publishes (-> mtlz_spectrum)
+ *   result.avsc    what mtlzd publishes (mtlz_result_rec)
+ *
+ * Input framings, detected per message (mtlz_framing_detect):
+ *   - Confluent wire format: 0x00 + 4-byte big-endian schema id; the
+ *     writer schema is <schema_dir>/<id>.avsc,
+ *   - Avro single-object encoding: 0xC3 0x01 + 8-byte little-endian
+ *     CRC-64-AVRO fingerprint of the writer schema's Parsing Canonical Form,
+ *   - an Avro object-container file per message ("Obj\x01" magic; ZTF style).
+ * Writer -> reader schema resolution goes through Avro C's resolved readers,
+ * so a pipeline may publish an older or newer compatible spectrum schema.
+ *
+ * @locality one mtlz_avro per thread (it owns reusable Avro values and
+ * buffers); none of it is thread-safe.
+ */
+#ifndef MTLZ_AVRO_IO_H
+#define MTLZ_AVRO_IO_H
+
+#include "spectrum.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum mtlz_framing {
+	MTLZ_FRAMING_UNKNOWN = 0,
+	MTLZ_FRAMING_CONFLUENT = 1,
+	MTLZ_FRAMING_SINGLE_OBJECT = 2,
+	MTLZ_FRAMING_CONTAINER = 3,
+};
+
+/* Dead-letter reason classes (header "mtlz.error.class"). */
+enum mtlz_decode_error {
+	MTLZ_DECODE_OK = 0,
+	MTLZ_DECODE_FRAMING,     /* no known framing / truncated header */
+	MTLZ_DECODE_SCHEMA,      /* unknown schema id / fingerprint, or incompatible schema */
+	MTLZ_DECODE_AVRO,        /* bytes do not decode under the writer schema */
+	MTLZ_DECODE_INVALID,     /* decodes, but the content is unusable (lengths, NaN grid...) */
+	MTLZ_DECODE_OVERSIZE,    /* larger than input.max_message_bytes */
+};
+
+typedef struct mtlz_result_rec {
+	char spec_id[64];
+	int cls;                    /* 0 passive, 1 star_forming, 2 composite, 3 agn */
+	float prob[4];
+	int has_metal;              /* oh / oh_sigma present (null otherwise) */
+	double oh, oh_sigma;
+	uint32_t flags;             /* enum mtlz_flag bits */
+	char model_sha256[65];
+	char model_version[64];
+	char source_topic[256];
+	int32_t source_partition;
+	int64_t source_offset;
+	int64_t processed_us;       /* timestamp-micros */
+} mtlz_result_rec;
+
+typedef struct mtlz_avro mtlz_avro;
+
+/* Loads spectrum.avsc and result.avsc from schemas_dir (the project's
+ * schemas/ folder, installed with the daemon). registry_dir (may be NULL)
+ * holds writer schemas for the Confluent framing as <id>.avsc. */
+mtlz_avro *mtlz_avro_new(const char *schemas_dir, const char *registry_dir,
+			 char *errstr, size_t errstr_size);
+void mtlz_avro_free(mtlz_avro *a);
+
+const char *mtlz_framing_name(int framing);
+int mtlz_framing_parse(const char *name);        /* -1 if unknown */
+int mtlz_framing_detect(const void *buf, size_t len);
+const char *mtlz_decode_error_name(int err);     /* "framing", "schema", ... */
+
+/* Decodes one input message (any framing) into *s (cleared first; owns its
+ * arrays afterwards). Returns MTLZ_DECODE_OK or a reason class, with a
+ * detail message in errstr. */
+int mtlz_avro_decode_spectrum(mtlz_avro *a, const void *buf, size_t len,
+			      mtlz_spectrum *s, char *errstr, size_t errstr_size);
+/* Encodes *s under spectrum.avsc in the given framing into a malloc'ed
+ * buffer (for mtlz-replay and tests). confluent_id is used for CONFLUENT. */
+int mtlz_avro_encode_spectrum(mtlz_avro *a, const mtlz_spectrum *s, int framing,
+			      int32_t confluent_id, uint8_t **buf, size_t *len,
+			      char *errstr, size_t errstr_size);
+
+/* Encodes a result under result.avsc; the buffer is owned by `a` and valid
+ * until the next call. */
+int mtlz_avro_encode_result(mtlz_avro *a, const mtlz_result_rec *r, int framing,
+			    int32_t confluent_id, const uint8_t **buf, size_t *len,
+			    char *errstr, size_t errstr_size);
+int mtlz_avro_decode_result(mtlz_avro *a, const void *buf, size_t len,
+			    mtlz_result_rec *r, char *errstr, size_t errstr_size);
+
+/* CRC-64-AVRO fingerprint of the Parsing Canonical Form of result.avsc /
+ * spectrum.avsc (also sent as a Kafka header). */
+uint64_t mtlz_avro_result_fingerprint(const mtlz_avro *a);
+uint64_t mtlz_avro_spectrum_fingerprint(const mtlz_avro *a);
+
+#endif
