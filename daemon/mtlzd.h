@@ -1,0 +1,119 @@
+/*
+ * mtlzd.h - the daemon's shared state. Three long-lived threads:
+ *
+ *   consume  polls Kafka, decodes (Avro), preprocesses into the open batch
+ *            slot, dead-letters bad input, closes a slot on batch.max_size or
+ *            batch.max_delay_ms and hands it to infer; serves rebalances;
+ *            sends systemd notifications.
+ *   infer    owns the engine (and, later, every CUDA call): runs a ready
+ *            slot, encodes the results and produces them.
+ *   deliver  serves the producer's delivery reports: an input offset is
+ *            stored for commit only once its result (or its dead-letter
+ *            record) is acknowledged, in offset order per partition.
+ *
+ * Batch slots are preallocated (a ring of MTLZD_SLOTS), sized for the largest
+ * batch, so pinned host memory and one CUDA stream per slot can replace them
+ * without reshaping the pipeline.
+ */
+#ifndef MTLZD_H
+#define MTLZD_H
+
+#include "avro_io.h"
+#include "conf.h"
+#include "model.h"
+#include "mtlz_engine.h"
+#include "preprocess.h"
+
+#include <librdkafka/rdkafka.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdint.h>
+
+#define MTLZD_SLOTS 3
+
+/* Dead-letter reason classes: decode errors, then preprocessing rejects. */
+enum mtlzd_reason {
+	MTLZD_R_FRAMING, MTLZD_R_SCHEMA, MTLZD_R_AVRO, MTLZD_R_INVALID,
+	MTLZD_R_OVERSIZE, MTLZD_R_BAD_GRID, MTLZD_R_NO_DATA, MTLZD_R_COVERAGE,
+	MTLZD_R_BAD_PIXELS, MTLZD_R_NONPOSITIVE_MEAN,
+	MTLZD_N_REASONS
+};
+
+struct mtlzd_counters {
+	atomic_uint_fast64_t consumed;
+	atomic_uint_fast64_t results_produced;
+	atomic_uint_fast64_t results_delivered;
+	atomic_uint_fast64_t dlq_produced;
+	atomic_uint_fast64_t dlq_delivered;
+	atomic_uint_fast64_t delivery_failed;
+	atomic_uint_fast64_t batches;
+	atomic_uint_fast64_t dlq_by_reason[MTLZD_N_REASONS];
+	atomic_uint_fast64_t offsets_stored;
+};
+
+struct mtlzd_item {
+	char spec_id[64];
+	int32_t partition;
+	int64_t offset;
+	uint32_t flags;
+};
+
+struct mtlzd_slot {
+	int n;
+	double opened_at;
+	float *x;                 /* [max_batch][input_length] */
+	struct mtlzd_item *items; /* [max_batch] */
+	mtlz_output *out;         /* [max_batch] */
+};
+
+struct mtlzd_tracker;
+
+struct mtlzd {
+	const mtlz_conf *conf;
+	rd_kafka_t *consumer, *producer;
+	rd_kafka_topic_t *out_topic;
+
+	mtlz_model *model;
+	char model_sha256[65];
+	char model_version[64];
+	mtlz_engine *engine;
+	mtlz_prep_opts prep;
+	mtlz_prep_ws *prep_ws;
+	mtlz_avro *avro_in, *avro_out;   /* consume thread's, infer thread's */
+	int output_framing;
+	int L;
+
+	/* slot ring: free and ready queues of slot indices */
+	struct mtlzd_slot slots[MTLZD_SLOTS];
+	int free_q[MTLZD_SLOTS], n_free;
+	int ready_q[MTLZD_SLOTS], ready_head, n_ready;
+	int open_slot;              /* owned by consume, -1 if none */
+	int busy;                   /* slots handed to infer and not yet back */
+	pthread_mutex_t lock;
+	pthread_cond_t cond_ready, cond_free;
+
+	struct mtlzd_tracker *tracker;
+	struct mtlzd_counters cnt;
+
+	volatile sig_atomic_t *stop;  /* set by SIGTERM/SIGINT */
+	atomic_int infer_stop, deliver_stop;
+	atomic_int fatal;             /* a fatal error: stop and exit non-zero */
+	atomic_int joined;            /* first assignment seen */
+	atomic_int_fast64_t infer_alive_us;
+	int paused;
+	pthread_t infer_thr, deliver_thr;
+};
+
+/* Sets up Kafka clients, model, engine and threads from a validated conf.
+ * @locality main thread */
+int mtlzd_start(struct mtlzd *d, const mtlz_conf *conf, volatile sig_atomic_t *stop,
+		char *errstr, size_t errstr_size);
+/* The consume loop; returns when *stop is set (drained and committed) or on
+ * a fatal error (non-zero). @locality main thread (becomes the consumer). */
+int mtlzd_run(struct mtlzd *d);
+void mtlzd_destroy(struct mtlzd *d);
+
+const char *mtlzd_reason_name(int r);
+
+#endif

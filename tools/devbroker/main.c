@@ -1,0 +1,147 @@
+/*
+ * mtlz-devbroker - an embedded Kafka-protocol broker for demos and tests,
+ * built on librdkafka's own mock cluster (rdkafka_mock.h). It listens on
+ * loopback, creates the topics, prints "bootstrap=HOST:PORT" as its first
+ * line on stdout and runs until SIGTERM/SIGINT.
+ *
+ * Real deployments point mtlzd at any Kafka cluster; this exists so that
+ * the README's commands and the integration tests work on a fresh machine
+ * with no Kafka installed. Its limits are librdkafka 2.0.2's mock cluster's
+ * (docs/daemon.md): no transaction markers, TxnOffsetCommit not stored.
+ *
+ * Fault injection for tests: SIGUSR1 takes broker 1 down, SIGUSR2 brings it
+ * back up.
+ */
+#define _DEFAULT_SOURCE
+#include <librdkafka/rdkafka.h>
+#include <librdkafka/rdkafka_mock.h>
+
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static volatile sig_atomic_t stop;
+static volatile sig_atomic_t want_down, want_up;
+
+static void on_signal(int sig)
+{
+	if (sig == SIGUSR1)
+		want_down = 1;
+	else if (sig == SIGUSR2)
+		want_up = 1;
+	else
+		stop = 1;
+}
+
+static const char usage[] =
+	"usage: mtlz-devbroker [--partitions N] [--topics a,b,...] [--brokers N]\n"
+	"                      [--bootstrap-file FILE]\n"
+	"Starts librdkafka's mock Kafka cluster on loopback, creates the topics\n"
+	"(default spectra,results,spectra.dlq with 4 partitions), prints\n"
+	"bootstrap=HOST:PORT first on stdout and runs until SIGTERM or SIGINT.\n"
+	"SIGUSR1 takes broker 1 down, SIGUSR2 brings it back (fault injection).\n";
+
+int main(int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{ "partitions", required_argument, 0, 'p' },
+		{ "topics", required_argument, 0, 't' },
+		{ "brokers", required_argument, 0, 'b' },
+		{ "bootstrap-file", required_argument, 0, 'f' },
+		{ "help", no_argument, 0, 'h' },
+		{ "version", no_argument, 0, 'V' },
+		{ 0, 0, 0, 0 },
+	};
+	const char *topics = "spectra,results,spectra.dlq", *bfile = NULL;
+	int partitions = 4, n_brokers = 1, c;
+	char errstr[512], *list, *save = NULL, *tok;
+	rd_kafka_conf_t *conf;
+	rd_kafka_t *rk;
+	rd_kafka_mock_cluster_t *mc;
+	struct sigaction sa;
+
+	while ((c = getopt_long(argc, argv, "p:t:b:f:h", opts, NULL)) != -1) {
+		switch (c) {
+		case 'p': partitions = atoi(optarg); break;
+		case 't': topics = optarg; break;
+		case 'b': n_brokers = atoi(optarg); break;
+		case 'f': bfile = optarg; break;
+		case 'h': fputs(usage, stdout); return 0;
+		case 'V': printf("mtlz-devbroker (librdkafka %s)\n", rd_kafka_version_str()); return 0;
+		default: fputs(usage, stderr); return 2;
+		}
+	}
+	if (optind != argc || partitions < 1 || partitions > 1000 || n_brokers < 1 ||
+	    n_brokers > 16 || !*topics) {
+		fputs(usage, stderr);
+		return 2;
+	}
+	conf = rd_kafka_conf_new();
+	rd_kafka_conf_set(conf, "log_level", "3", NULL, 0);
+	rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
+	if (!rk) {
+		fprintf(stderr, "mtlz-devbroker: %s\n", errstr);
+		rd_kafka_conf_destroy(conf);
+		return 1;
+	}
+	mc = rd_kafka_mock_cluster_new(rk, n_brokers);
+	if (!mc) {
+		fprintf(stderr, "mtlz-devbroker: cannot start the mock cluster\n");
+		rd_kafka_destroy(rk);
+		return 1;
+	}
+	list = strdup(topics);
+	for (tok = strtok_r(list, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+		rd_kafka_resp_err_t err = rd_kafka_mock_topic_create(mc, tok, partitions, 1);
+
+		if (err) {
+			fprintf(stderr, "mtlz-devbroker: topic %s: %s\n", tok, rd_kafka_err2str(err));
+			free(list);
+			rd_kafka_mock_cluster_destroy(mc);
+			rd_kafka_destroy(rk);
+			return 1;
+		}
+	}
+	free(list);
+	printf("bootstrap=%s\n", rd_kafka_mock_cluster_bootstraps(mc));
+	fflush(stdout);
+	if (bfile) {
+		FILE *f = fopen(bfile, "w");
+
+		if (!f || fprintf(f, "%s\n", rd_kafka_mock_cluster_bootstraps(mc)) < 0 ||
+		    fclose(f) != 0) {
+			perror(bfile);
+			rd_kafka_mock_cluster_destroy(mc);
+			rd_kafka_destroy(rk);
+			return 1;
+		}
+	}
+	fprintf(stderr, "mtlz-devbroker: %d broker(s), topics %s x %d partitions; "
+		"SIGTERM to stop\n", n_brokers, topics, partitions);
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_signal;
+	sigaction(SIGTERM, &sa, NULL);
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGUSR1, &sa, NULL);
+	sigaction(SIGUSR2, &sa, NULL);
+	while (!stop) {
+		if (want_down) {
+			want_down = 0;
+			rd_kafka_mock_broker_set_down(mc, 1);
+			fprintf(stderr, "mtlz-devbroker: broker 1 down\n");
+		}
+		if (want_up) {
+			want_up = 0;
+			rd_kafka_mock_broker_set_up(mc, 1);
+			fprintf(stderr, "mtlz-devbroker: broker 1 up\n");
+		}
+		usleep(50 * 1000);
+	}
+	rd_kafka_mock_cluster_destroy(mc);
+	rd_kafka_destroy(rk);
+	return 0;
+}
