@@ -1,6 +1,6 @@
 /*
  * avro_io.h - Avro (Avro C 1.11) encoding and decoding of the messages the
- * daemon reads and writes, with the schemas in schemas/*.avsc as the
+ * daemon reads and writes, with the schemas in the .avsc files in schemas/ as the
  * contract:
  *   spectrum.avsc  what a reduction pipeline publishes (-> mtlz_spectrum)
  *   result.avsc    what mtlzd publishes (mtlz_result_rec)
@@ -94,5 +94,30 @@ int mtlz_avro_decode_result(mtlz_avro *a, const void *buf, size_t len,
  * spectrum.avsc (also sent as a Kafka header). */
 uint64_t mtlz_avro_result_fingerprint(const mtlz_avro *a);
 uint64_t mtlz_avro_spectrum_fingerprint(const mtlz_avro *a);
+
+/* ---- Additions (implementation helpers also used by tests and tools) ---- */
+
+/* mtlz_framing_parse("auto") returns MTLZ_FRAMING_UNKNOWN (0): decoding
+ * always detects the framing per message. */
+
+/* Makes decode_* return MTLZ_DECODE_OVERSIZE for messages longer than
+ * max_bytes (0, the default: no limit). */
+void mtlz_avro_set_max_message_bytes(mtlz_avro *a, size_t max_bytes);
+/* on (default): spectra written with exactly spectrum.avsc (same Parsing
+ * Canonical Form) are decoded by a direct decoder; off: always through
+ * Avro C generic values (tests compare the two). */
+void mtlz_avro_set_fast_path(mtlz_avro *a, int on);
+
+/* CRC-64-AVRO (Rabin) of a byte string. @locality any thread */
+uint64_t mtlz_avro_crc64(const void *buf, size_t len);
+/* Parsing Canonical Form of a schema given as JSON text, malloc'ed and
+ * NUL-terminated in *out. MTLZ_OK, MTLZ_ERR_FORMAT or MTLZ_ERR_NOMEM.
+ * @locality any thread */
+int mtlz_avro_canonical_form(const char *json, size_t len, char **out,
+			     char *errstr, size_t errstr_size);
+/* CRC-64-AVRO of the Parsing Canonical Form of a schema's JSON text (what
+ * single-object encoding carries, little-endian). @locality any thread */
+int mtlz_avro_fingerprint(const char *json, size_t len, uint64_t *fp,
+			  char *errstr, size_t errstr_size);
 
 #endif

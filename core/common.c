@@ -4,9 +4,12 @@
 #define _POSIX_C_SOURCE 200809L
 #include "common.h"
 
+#include <errno.h>
+#include <openssl/evp.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 int mtlz_err(char *errstr, size_t errstr_size, int status, const char *fmt, ...)
@@ -92,4 +95,38 @@ uint64_t mtlz_rng_next(mtlz_rng *r)
 double mtlz_rng_uniform(mtlz_rng *r)
 {
 	return (double)(mtlz_rng_next(r) >> 11) * 0x1.0p-53;
+}
+
+int mtlz_sha256_file(const char *path, char hex[65], char *errstr,
+		     size_t errstr_size)
+{
+	unsigned char buf[1 << 16], md[EVP_MAX_MD_SIZE];
+	unsigned int md_len = 0;
+	EVP_MD_CTX *ctx;
+	FILE *f = fopen(path, "rb");
+	size_t n;
+	int rc = MTLZ_OK;
+
+	if (!f)
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_IO, "%s: %s", path,
+				strerror(errno));
+	ctx = EVP_MD_CTX_new();
+	if (!ctx || !EVP_DigestInit_ex(ctx, EVP_sha256(), NULL)) {
+		rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "sha256: out of memory");
+		goto out;
+	}
+	while ((n = fread(buf, 1, sizeof(buf), f)) > 0)
+		EVP_DigestUpdate(ctx, buf, n);
+	if (ferror(f)) {
+		rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_IO, "%s: read error", path);
+		goto out;
+	}
+	EVP_DigestFinal_ex(ctx, md, &md_len);
+	for (unsigned int i = 0; i < md_len && i < 32; i++)
+		snprintf(hex + 2 * i, 3, "%02x", md[i]);
+	hex[64] = '\0';
+out:
+	EVP_MD_CTX_free(ctx);
+	fclose(f);
+	return rc;
 }

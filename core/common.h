@@ -35,6 +35,10 @@ const char *mtlz_status_str(int status);
 /* 64-byte aligned allocation (cache line / AVX-512 width); free with free(). */
 void *mtlz_aligned_alloc(size_t size);
 
+/* SHA-256 of a file as 64 lowercase hex digits (+ NUL) into hex[65]. */
+int mtlz_sha256_file(const char *path, char hex[65], char *errstr,
+		     size_t errstr_size);
+
 /* Monotonic clock in seconds. */
 double mtlz_now(void);
 

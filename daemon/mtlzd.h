@@ -21,6 +21,7 @@
 #include "avro_io.h"
 #include "conf.h"
 #include "model.h"
+#include "offsets.h"
 #include "mtlz_engine.h"
 #include "preprocess.h"
 
@@ -67,8 +68,6 @@ struct mtlzd_slot {
 	mtlz_output *out;         /* [max_batch] */
 };
 
-struct mtlzd_tracker;
-
 struct mtlzd {
 	const mtlz_conf *conf;
 	rd_kafka_t *consumer, *producer;
@@ -93,7 +92,7 @@ struct mtlzd {
 	pthread_mutex_t lock;
 	pthread_cond_t cond_ready, cond_free;
 
-	struct mtlzd_tracker *tracker;
+	mtlz_offsets *tracker;
 	struct mtlzd_counters cnt;
 
 	volatile sig_atomic_t *stop;  /* set by SIGTERM/SIGINT */

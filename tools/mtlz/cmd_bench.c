@@ -51,7 +51,7 @@ static int bench_engine(const mtlz_model *m, const char *kind, int threads,
 	mtlz_engine *e;
 	mtlz_output *out = calloc((size_t)batch, sizeof(*out));
 	float *x = malloc((size_t)batch * L * sizeof(float));
-	double *lat = malloc(200000 * sizeof(double)), t0, t;
+	double *lat = malloc(200000 * sizeof(double)), t0, t = 0;
 	long n_calls = 0;
 	mtlz_rng rng;
 	char err[512];
@@ -86,6 +86,11 @@ static int bench_engine(const mtlz_model *m, const char *kind, int threads,
 			lat[n_calls] = t - c0;
 		n_calls++;
 	} while (t - t0 < seconds);
+	if (n_calls == 0) {
+		mtlz_engine_free(e);
+		free(out); free(x); free(lat);
+		return -1;
+	}
 	{
 		const double rate = (double)n_calls * batch / (t - t0);
 		const long nl = n_calls < 200000 ? n_calls : 200000;

@@ -25,6 +25,7 @@ static const char usage[] =
 	"  bench       engine and preprocessing throughput\n"
 	"  info        architecture, parameter count and metadata of a model\n"
 	"  init        write a randomly initialised (untrained) model\n"
+	"  consume     print mtlzd's results from a Kafka topic\n"
 	"\n"
 	"Run 'mtlz <command> --help' for a command's options.\n"
 	"options: --help, --version\n";
@@ -77,7 +78,7 @@ int main(int argc, char **argv)
 	} cmds[] = {
 		{ "classify", cmd_classify }, { "preprocess", cmd_preprocess },
 		{ "bench", cmd_bench },       { "info", cmd_info },
-		{ "init", cmd_init },
+		{ "init", cmd_init },         { "consume", cmd_consume },
 	};
 
 	if (argc < 2) {

@@ -1,0 +1,794 @@
+/*
+ * pipeline.c - mtlzd's data path (see mtlzd.h for the threads):
+ * Kafka -> decode -> preprocess -> micro-batch slot -> engine -> encode ->
+ * Kafka, with at-least-once offset handling and a dead-letter topic.
+ */
+#define _GNU_SOURCE
+#include "mtlzd.h"
+#include "common.h"
+#include "log.h"
+
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <systemd/sd-daemon.h>
+#include <time.h>
+#include <unistd.h>
+
+static const char *const reason_names[MTLZD_N_REASONS] = {
+	"framing", "schema", "avro", "invalid", "oversize",
+	"bad_grid", "no_data", "coverage", "bad_pixels", "nonpositive_mean",
+};
+
+const char *mtlzd_reason_name(int r)
+{
+	return r >= 0 && r < MTLZD_N_REASONS ? reason_names[r] : "unknown";
+}
+
+static int64_t now_us(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* Delivery-report opaque: partition and offset packed in one pointer. */
+static void *pack_po(int32_t p, int64_t off)
+{
+	return (void *)(uintptr_t)(((uint64_t)(uint32_t)p << 48) |
+				   ((uint64_t)off & 0xffffffffffffull));
+}
+
+static void unpack_po(void *op, int32_t *p, int64_t *off)
+{
+	const uint64_t v = (uint64_t)(uintptr_t)op;
+
+	*p = (int32_t)(v >> 48);
+	*off = (int64_t)(v & 0xffffffffffffull);
+}
+
+/* ---- offsets -------------------------------------------------------- */
+
+/* The output for (p, off) is acknowledged: store the commit position.
+ * @locality whichever thread serves the producer's delivery reports */
+static void offset_done(struct mtlzd *d, int32_t p, int64_t off)
+{
+	const int64_t pos = mtlz_offsets_done(d->tracker, p, off);
+	rd_kafka_topic_partition_list_t *l;
+
+	if (pos < 0)
+		return;
+	l = rd_kafka_topic_partition_list_new(1);
+	rd_kafka_topic_partition_list_add(l, d->conf->topics_input, p)->offset = pos;
+	/* fails harmlessly (__STATE) for a partition no longer assigned */
+	if (rd_kafka_offsets_store(d->consumer, l) == RD_KAFKA_RESP_ERR_NO_ERROR)
+		atomic_fetch_add(&d->cnt.offsets_stored, 1);
+	rd_kafka_topic_partition_list_destroy(l);
+}
+
+static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
+{
+	struct mtlzd *d = opaque;
+	const int dlq = strcmp(rd_kafka_topic_name(m->rkt), d->conf->topics_dead_letter) == 0;
+	int32_t p;
+	int64_t off;
+
+	unpack_po(m->_private, &p, &off);
+	if (m->err) {
+		/* The idempotent producer already retried until message.timeout.ms:
+		 * the output is lost for this run. Do not advance the offset;
+		 * stop, so that a restart reads the input again. */
+		atomic_fetch_add(&d->cnt.delivery_failed, 1);
+		mtlz_log(MTLZ_LOG_ERROR, "event=delivery_failed topic=%s partition=%" PRId32
+			 " offset=%" PRId64 " error=\"%s\"", rd_kafka_topic_name(m->rkt), p,
+			 off, rd_kafka_err2str(m->err));
+		atomic_store(&d->fatal, 1);
+		return;
+	}
+	atomic_fetch_add(dlq ? &d->cnt.dlq_delivered : &d->cnt.results_delivered, 1);
+	offset_done(d, p, off);
+}
+
+/* ---- producing ------------------------------------------------------ */
+
+/* Produces one message, retrying while the local queue is full (that is the
+ * backpressure: the caller's thread waits, slots stay busy, the consumer
+ * pauses). Returns 0, or -1 on a non-retriable error (fatal). */
+static int produce(struct mtlzd *d, const char *topic, const void *val, size_t len,
+		   const char *key, size_t klen, rd_kafka_headers_t *hdrs, void *op)
+{
+	rd_kafka_resp_err_t err;
+
+	for (;;) {
+		err = rd_kafka_producev(d->producer, RD_KAFKA_V_TOPIC(topic),
+					RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+					RD_KAFKA_V_VALUE((void *)val, len),
+					RD_KAFKA_V_KEY(key, klen), RD_KAFKA_V_HEADERS(hdrs),
+					RD_KAFKA_V_OPAQUE(op), RD_KAFKA_V_END);
+		if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL)
+			break;
+		rd_kafka_poll(d->producer, 100);
+	}
+	if (err) {
+		rd_kafka_headers_destroy(hdrs);
+		mtlz_log(MTLZ_LOG_ERROR, "event=produce_failed topic=%s error=\"%s\"", topic,
+			 rd_kafka_err2str(err));
+		atomic_store(&d->fatal, 1);
+		return -1;
+	}
+	return 0;
+}
+
+/* Sends the original message to the dead-letter topic with the reason.
+ * @locality consume thread */
+static void dead_letter(struct mtlzd *d, const rd_kafka_message_t *m, int reason,
+			const char *detail)
+{
+	rd_kafka_headers_t *orig = NULL, *h;
+	char buf[32];
+
+	if (rd_kafka_message_headers(m, &orig) == RD_KAFKA_RESP_ERR_NO_ERROR && orig)
+		h = rd_kafka_headers_copy(orig);
+	else
+		h = rd_kafka_headers_new(6);
+	rd_kafka_header_add(h, "mtlz.error.class", -1, mtlzd_reason_name(reason), -1);
+	rd_kafka_header_add(h, "mtlz.error.detail", -1, detail, -1);
+	rd_kafka_header_add(h, "mtlz.source.topic", -1, rd_kafka_topic_name(m->rkt), -1);
+	snprintf(buf, sizeof(buf), "%" PRId32, m->partition);
+	rd_kafka_header_add(h, "mtlz.source.partition", -1, buf, -1);
+	snprintf(buf, sizeof(buf), "%" PRId64, m->offset);
+	rd_kafka_header_add(h, "mtlz.source.offset", -1, buf, -1);
+	atomic_fetch_add(&d->cnt.dlq_by_reason[reason], 1);
+	mtlz_log(MTLZ_LOG_DEBUG, "event=dead_letter partition=%" PRId32 " offset=%" PRId64
+		 " class=%s detail=\"%s\"", m->partition, m->offset,
+		 mtlzd_reason_name(reason), detail);
+	if (produce(d, d->conf->topics_dead_letter, m->payload, m->len, m->key,
+		    m->key_len, h, pack_po(m->partition, m->offset)) == 0)
+		atomic_fetch_add(&d->cnt.dlq_produced, 1);
+}
+
+/* ---- slots ---------------------------------------------------------- */
+
+/* Hands the open slot (if it holds anything) to the infer thread.
+ * @locality consume thread */
+static void close_open_slot(struct mtlzd *d)
+{
+	if (d->open_slot < 0 || d->slots[d->open_slot].n == 0)
+		return;
+	pthread_mutex_lock(&d->lock);
+	d->ready_q[(d->ready_head + d->n_ready) % MTLZD_SLOTS] = d->open_slot;
+	d->n_ready++;
+	d->busy++;
+	pthread_cond_signal(&d->cond_ready);
+	pthread_mutex_unlock(&d->lock);
+	d->open_slot = -1;
+}
+
+static void set_paused(struct mtlzd *d, int pause)
+{
+	rd_kafka_topic_partition_list_t *a = NULL;
+
+	if (d->paused == pause || rd_kafka_assignment(d->consumer, &a) || !a)
+		return;
+	if (pause)
+		rd_kafka_pause_partitions(d->consumer, a);
+	else
+		rd_kafka_resume_partitions(d->consumer, a);
+	rd_kafka_topic_partition_list_destroy(a);
+	d->paused = pause;
+	mtlz_log(MTLZ_LOG_DEBUG, "event=%s", pause ? "paused" : "resumed");
+}
+
+/* Makes sure there is an open slot with room, waiting for the infer thread
+ * if all are busy; the partitions are paused while we wait (backpressure:
+ * bounded memory whatever the backlog). @locality consume thread */
+static int ensure_open_slot(struct mtlzd *d)
+{
+	if (d->open_slot >= 0)
+		return 0;
+	pthread_mutex_lock(&d->lock);
+	while (d->n_free == 0 && !atomic_load(&d->fatal)) {
+		struct timespec ts;
+
+		pthread_mutex_unlock(&d->lock);
+		set_paused(d, 1);
+		pthread_mutex_lock(&d->lock);
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_nsec += 100 * 1000000L;
+		if (ts.tv_nsec >= 1000000000L) {
+			ts.tv_sec++;
+			ts.tv_nsec -= 1000000000L;
+		}
+		pthread_cond_timedwait(&d->cond_free, &d->lock, &ts);
+	}
+	if (d->n_free == 0) {
+		pthread_mutex_unlock(&d->lock);
+		return -1;
+	}
+	d->open_slot = d->free_q[--d->n_free];
+	pthread_mutex_unlock(&d->lock);
+	d->slots[d->open_slot].n = 0;
+	d->slots[d->open_slot].opened_at = mtlz_now();
+	return 0;
+}
+
+/* Waits until every slot is back (in-flight batches produced).
+ * @locality consume thread */
+static void drain_slots(struct mtlzd *d)
+{
+	close_open_slot(d);
+	pthread_mutex_lock(&d->lock);
+	while (d->busy > 0 && !atomic_load(&d->fatal))
+		pthread_cond_wait(&d->cond_free, &d->lock);
+	pthread_mutex_unlock(&d->lock);
+}
+
+/* ---- consume -------------------------------------------------------- */
+
+static int prep_reason(int reject)
+{
+	switch (reject) {
+	case MTLZ_REJECT_BAD_GRID: return MTLZD_R_BAD_GRID;
+	case MTLZ_REJECT_NO_DATA: return MTLZD_R_NO_DATA;
+	case MTLZ_REJECT_COVERAGE: return MTLZD_R_COVERAGE;
+	case MTLZ_REJECT_BAD_PIXELS: return MTLZD_R_BAD_PIXELS;
+	default: return MTLZD_R_NONPOSITIVE_MEAN;
+	}
+}
+
+static int decode_reason(int e)
+{
+	switch (e) {
+	case MTLZ_DECODE_FRAMING: return MTLZD_R_FRAMING;
+	case MTLZ_DECODE_SCHEMA: return MTLZD_R_SCHEMA;
+	case MTLZ_DECODE_AVRO: return MTLZD_R_AVRO;
+	case MTLZ_DECODE_OVERSIZE: return MTLZD_R_OVERSIZE;
+	default: return MTLZD_R_INVALID;
+	}
+}
+
+/* One input message: decode, preprocess into the open slot or dead-letter.
+ * @locality consume thread */
+static void handle_message(struct mtlzd *d, rd_kafka_message_t *m)
+{
+	struct mtlzd_slot *s;
+	struct mtlzd_item *it;
+	mtlz_spectrum sp;
+	mtlz_prep_info info;
+	char err[512];
+	int e;
+
+	atomic_fetch_add(&d->cnt.consumed, 1);
+	if (mtlz_offsets_add(d->tracker, m->partition, m->offset) < 0)
+		mtlz_log(MTLZ_LOG_WARN, "event=offset_out_of_order partition=%" PRId32
+			 " offset=%" PRId64, m->partition, m->offset);
+	if (m->len > (size_t)d->conf->input_max_message_bytes) {
+		snprintf(err, sizeof(err), "%zu bytes, input.max_message_bytes is %d",
+			 m->len, d->conf->input_max_message_bytes);
+		dead_letter(d, m, MTLZD_R_OVERSIZE, err);
+		return;
+	}
+	mtlz_spectrum_init(&sp);
+	e = mtlz_avro_decode_spectrum(d->avro_in, m->payload, m->len, &sp, err, sizeof(err));
+	if (e != MTLZ_DECODE_OK) {
+		mtlz_spectrum_clear(&sp);
+		dead_letter(d, m, decode_reason(e), err);
+		return;
+	}
+	snprintf(sp.source, sizeof(sp.source), "%s[%" PRId32 "]@%" PRId64,
+		 rd_kafka_topic_name(m->rkt), m->partition, m->offset);
+	if (ensure_open_slot(d) < 0) {
+		mtlz_spectrum_clear(&sp);
+		return; /* fatal: not processed, so not committed */
+	}
+	s = &d->slots[d->open_slot];
+	if (mtlz_preprocess(&sp, &d->prep, d->prep_ws, s->x + (size_t)s->n * d->L, &info,
+			    err, sizeof(err)) != MTLZ_OK) {
+		mtlz_spectrum_clear(&sp);
+		dead_letter(d, m, info.reject ? prep_reason(info.reject) : MTLZD_R_INVALID, err);
+		return;
+	}
+	it = &s->items[s->n++];
+	snprintf(it->spec_id, sizeof(it->spec_id), "%s", sp.spec_id);
+	it->partition = m->partition;
+	it->offset = m->offset;
+	it->flags = info.flags;
+	mtlz_spectrum_clear(&sp);
+	if (s->n == d->conf->batch_max_size)
+		close_open_slot(d);
+}
+
+/* ---- infer ---------------------------------------------------------- */
+
+static void publish_results(struct mtlzd *d, struct mtlzd_slot *s)
+{
+	char fp[32];
+
+	snprintf(fp, sizeof(fp), "%016" PRIx64, mtlz_avro_result_fingerprint(d->avro_out));
+	for (int i = 0; i < s->n && !atomic_load(&d->fatal); i++) {
+		const mtlz_output *o = &s->out[i];
+		mtlz_result_rec r;
+		rd_kafka_headers_t *h;
+		const uint8_t *buf;
+		size_t len;
+		char err[256];
+
+		memset(&r, 0, sizeof(r));
+		snprintf(r.spec_id, sizeof(r.spec_id), "%s", s->items[i].spec_id);
+		r.cls = o->cls;
+		memcpy(r.prob, o->prob, sizeof(r.prob));
+		r.has_metal = o->cls == 1;  /* star-forming: the conditional regression */
+		r.oh = o->metal;
+		r.oh_sigma = isfinite(o->metal_sigma) ? o->metal_sigma : 0.0;
+		r.flags = s->items[i].flags;
+		memcpy(r.model_sha256, d->model_sha256, sizeof(r.model_sha256));
+		snprintf(r.model_version, sizeof(r.model_version), "%s", d->model_version);
+		snprintf(r.source_topic, sizeof(r.source_topic), "%s", d->conf->topics_input);
+		r.source_partition = s->items[i].partition;
+		r.source_offset = s->items[i].offset;
+		r.processed_us = now_us();
+		if (mtlz_avro_encode_result(d->avro_out, &r, d->output_framing,
+					    d->conf->output_schema_id, &buf, &len, err,
+					    sizeof(err)) != MTLZ_OK) {
+			mtlz_log(MTLZ_LOG_ERROR, "event=encode_failed spec_id=%s error=\"%s\"",
+				 r.spec_id, err);
+			atomic_store(&d->fatal, 1);
+			return;
+		}
+		h = rd_kafka_headers_new(2);
+		rd_kafka_header_add(h, "mtlz.model.sha256", -1, d->model_sha256, -1);
+		rd_kafka_header_add(h, "mtlz.schema.fingerprint", -1, fp, -1);
+		if (produce(d, d->conf->topics_output, buf, len, r.spec_id, strlen(r.spec_id),
+			    h, pack_po(r.source_partition, r.source_offset)) == 0)
+			atomic_fetch_add(&d->cnt.results_produced, 1);
+	}
+}
+
+/* @locality infer thread: owns the engine */
+static void *infer_main(void *arg)
+{
+	struct mtlzd *d = arg;
+	char err[512];
+
+	for (;;) {
+		struct mtlzd_slot *s;
+		int idx;
+
+		pthread_mutex_lock(&d->lock);
+		while (d->n_ready == 0 && !atomic_load(&d->infer_stop)) {
+			struct timespec ts;
+
+			clock_gettime(CLOCK_REALTIME, &ts);
+			ts.tv_sec += 1;
+			pthread_cond_timedwait(&d->cond_ready, &d->lock, &ts);
+			atomic_store(&d->infer_alive_us, now_us());
+		}
+		if (d->n_ready == 0) {
+			pthread_mutex_unlock(&d->lock);
+			break;
+		}
+		idx = d->ready_q[d->ready_head];
+		d->ready_head = (d->ready_head + 1) % MTLZD_SLOTS;
+		d->n_ready--;
+		pthread_mutex_unlock(&d->lock);
+
+		s = &d->slots[idx];
+		if (mtlz_engine_run(d->engine, s->x, s->n, d->conf->engine_mc_samples, s->out,
+				    err, sizeof(err)) != MTLZ_OK) {
+			mtlz_log(MTLZ_LOG_ERROR, "event=engine_failed error=\"%s\"", err);
+			atomic_store(&d->fatal, 1);
+		} else {
+			publish_results(d, s);
+			atomic_fetch_add(&d->cnt.batches, 1);
+		}
+		atomic_store(&d->infer_alive_us, now_us());
+		pthread_mutex_lock(&d->lock);
+		d->free_q[d->n_free++] = idx;
+		d->busy--;
+		pthread_cond_broadcast(&d->cond_free);
+		pthread_mutex_unlock(&d->lock);
+	}
+	return NULL;
+}
+
+/* @locality deliver thread */
+static void *deliver_main(void *arg)
+{
+	struct mtlzd *d = arg;
+
+	while (!atomic_load(&d->deliver_stop))
+		rd_kafka_poll(d->producer, 100);
+	return NULL;
+}
+
+/* ---- rebalances ----------------------------------------------------- */
+
+/* @locality consume thread (inside rd_kafka_consumer_poll) */
+static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
+			 rd_kafka_topic_partition_list_t *parts, void *opaque)
+{
+	struct mtlzd *d = opaque;
+	const int coop = strcmp(rd_kafka_rebalance_protocol(rk), "COOPERATIVE") == 0;
+	rd_kafka_error_t *e = NULL;
+
+	if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
+		if (coop)
+			e = rd_kafka_incremental_assign(rk, parts);
+		else
+			rd_kafka_assign(rk, parts);
+		if (d->paused)
+			rd_kafka_pause_partitions(rk, parts);
+		atomic_store(&d->joined, 1);
+		mtlz_log(MTLZ_LOG_INFO, "event=assigned partitions=%d protocol=%s",
+			 parts->cnt, rd_kafka_rebalance_protocol(rk));
+	} else {
+		/* Finish what is in flight for everything we hold, let the
+		 * deliveries store their offsets, commit, then let go. If the
+		 * assignment is lost, another member may already own the
+		 * partitions: what is in flight still completes (duplicates
+		 * are possible in at-least-once, loss is not). */
+		const int lost = rd_kafka_assignment_lost(rk);
+
+		drain_slots(d);
+		rd_kafka_flush(d->producer, 30 * 1000);
+		if (!lost)
+			rd_kafka_commit(rk, NULL, 0);
+		for (int i = 0; i < parts->cnt; i++)
+			mtlz_offsets_drop(d->tracker, parts->elems[i].partition);
+		if (coop)
+			e = rd_kafka_incremental_unassign(rk, parts);
+		else
+			rd_kafka_assign(rk, NULL);
+		mtlz_log(MTLZ_LOG_INFO, "event=revoked partitions=%d lost=%d", parts->cnt, lost);
+	}
+	if (e) {
+		mtlz_log(MTLZ_LOG_ERROR, "event=rebalance_failed error=\"%s\"",
+			 rd_kafka_error_string(e));
+		rd_kafka_error_destroy(e);
+	}
+}
+
+static void on_error(rd_kafka_t *rk, int err, const char *reason, void *opaque)
+{
+	struct mtlzd *d = opaque;
+
+	if (rd_kafka_fatal_error(rk, NULL, 0)) {
+		mtlz_log(MTLZ_LOG_ERROR, "event=kafka_fatal client=%s error=\"%s\"",
+			 rd_kafka_name(rk), reason);
+		atomic_store(&d->fatal, 1);
+		return;
+	}
+	/* transient (broker down, transport): librdkafka retries with backoff */
+	mtlz_log(MTLZ_LOG_WARN, "event=kafka_error client=%s error=\"%s: %s\"",
+		 rd_kafka_name(rk), rd_kafka_err2name((rd_kafka_resp_err_t)err), reason);
+}
+
+/* ---- start / run / stop --------------------------------------------- */
+
+static int set_kv(rd_kafka_conf_t *kc, const char *k, const char *v, char *errstr,
+		  size_t errstr_size)
+{
+	char e[256];
+
+	if (rd_kafka_conf_set(kc, k, v, e, sizeof(e)) != RD_KAFKA_CONF_OK)
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID,
+				"librdkafka property %s=%s: %s", k, v, e);
+	return MTLZ_OK;
+}
+
+static rd_kafka_t *make_client(struct mtlzd *d, rd_kafka_type_t type, char *errstr,
+			       size_t errstr_size)
+{
+	const mtlz_conf *c = d->conf;
+	rd_kafka_conf_t *kc = rd_kafka_conf_new();
+	const mtlz_kv *pass = type == RD_KAFKA_CONSUMER ? c->kafka_consumer : c->kafka_producer;
+	const int n_pass = type == RD_KAFKA_CONSUMER ? c->n_kafka_consumer : c->n_kafka_producer;
+	/* our defaults first; the operator's pass-through properties win */
+	static const char *const consumer_defaults[][2] = {
+		{ "enable.auto.offset.store", "false" },
+		{ "enable.auto.commit", "true" },
+		{ "auto.commit.interval.ms", "1000" },
+		{ "auto.offset.reset", "earliest" },
+		{ "partition.assignment.strategy", "cooperative-sticky" },
+		{ "queued.min.messages", "1000" },          /* bounded prefetch: RSS */
+		{ "queued.max.messages.kbytes", "32768" },
+	};
+	static const char *const producer_defaults[][2] = {
+		{ "enable.idempotence", "true" },
+		{ "linger.ms", "5" },
+		{ "queue.buffering.max.kbytes", "65536" },
+	};
+	rd_kafka_t *rk;
+
+	if (set_kv(kc, "bootstrap.servers", c->kafka_brokers, errstr, errstr_size) ||
+	    set_kv(kc, "client.id", "mtlzd", errstr, errstr_size))
+		goto out_conf;
+	if (type == RD_KAFKA_CONSUMER) {
+		if (set_kv(kc, "group.id", c->kafka_group_id, errstr, errstr_size))
+			goto out_conf;
+		for (size_t i = 0; i < MTLZ_ARRAY_SIZE(consumer_defaults); i++)
+			if (set_kv(kc, consumer_defaults[i][0], consumer_defaults[i][1], errstr, errstr_size))
+				goto out_conf;
+		rd_kafka_conf_set_rebalance_cb(kc, on_rebalance);
+	} else {
+		for (size_t i = 0; i < MTLZ_ARRAY_SIZE(producer_defaults); i++)
+			if (set_kv(kc, producer_defaults[i][0], producer_defaults[i][1], errstr, errstr_size))
+				goto out_conf;
+		rd_kafka_conf_set_dr_msg_cb(kc, on_delivery);
+	}
+	for (int i = 0; i < n_pass; i++)
+		if (set_kv(kc, pass[i].key, pass[i].value, errstr, errstr_size))
+			goto out_conf;
+	rd_kafka_conf_set_error_cb(kc, on_error);
+	rd_kafka_conf_set_opaque(kc, d);
+	rk = rd_kafka_new(type, kc, errstr, errstr_size);
+	if (rk)
+		return rk;
+out_conf:
+	rd_kafka_conf_destroy(kc);
+	return NULL;
+}
+
+static int alloc_slots(struct mtlzd *d)
+{
+	const int B = d->conf->batch_max_size;
+
+	for (int i = 0; i < MTLZD_SLOTS; i++) {
+		struct mtlzd_slot *s = &d->slots[i];
+
+		s->x = mtlz_aligned_alloc((size_t)B * d->L * sizeof(float));
+		s->items = calloc((size_t)B, sizeof(*s->items));
+		s->out = calloc((size_t)B, sizeof(*s->out));
+		if (!s->x || !s->items || !s->out)
+			return MTLZ_ERR_NOMEM;
+		d->free_q[d->n_free++] = i;
+	}
+	d->open_slot = -1;
+	return MTLZ_OK;
+}
+
+static int load_model(struct mtlzd *d, char *errstr, size_t errstr_size)
+{
+	const mtlz_conf *c = d->conf;
+	mtlz_engine_opts eo;
+	const char *v;
+	float *warm;
+	mtlz_output o;
+	int rc;
+
+	d->model = mtlz_model_load(c->model_path, errstr, errstr_size);
+	if (!d->model)
+		return MTLZ_ERR_FORMAT;
+	rc = mtlz_sha256_file(c->model_path, d->model_sha256, errstr, errstr_size);
+	if (rc)
+		return rc;
+	v = c->model_version[0] ? c->model_version : mtlz_model_meta(d->model, "mtlz.version");
+	snprintf(d->model_version, sizeof(d->model_version), "%s", v ? v : "unversioned");
+	mtlz_engine_opts_default(&eo);
+	eo.kind = c->engine_kind;
+	eo.n_threads = c->engine_threads;
+	eo.max_batch = c->batch_max_size;
+	eo.mc_samples = c->engine_mc_samples;
+	eo.seed = (uint64_t)c->engine_seed;
+	d->engine = mtlz_engine_new(&eo, errstr, errstr_size);
+	if (!d->engine)
+		return MTLZ_ERR_INVALID;
+	rc = mtlz_engine_set_model(d->engine, d->model, errstr, errstr_size);
+	if (rc)
+		return rc;
+	d->L = mtlz_model_arch(d->model)->input_length;
+	/* warm-up: touch every buffer and page in the weights before READY */
+	warm = malloc((size_t)d->L * sizeof(float));
+	if (!warm)
+		return MTLZ_ERR_NOMEM;
+	for (int i = 0; i < d->L; i++)
+		warm[i] = 1.0f;
+	rc = mtlz_engine_run(d->engine, warm, 1, c->engine_mc_samples, &o, errstr, errstr_size);
+	free(warm);
+	mtlz_prep_opts_default(&d->prep);
+	d->prep.grid = *mtlz_model_grid(d->model);
+	if (!rc && c->preprocess_mask_bits[0])
+		rc = mtlz_mask_bits_parse(c->preprocess_mask_bits, &d->prep.and_mask_bits,
+					  errstr, errstr_size);
+	return rc;
+}
+
+int mtlzd_start(struct mtlzd *d, const mtlz_conf *c, volatile sig_atomic_t *stop,
+		char *errstr, size_t errstr_size)
+{
+	const char *schemas = getenv("MTLZ_SCHEMA_DIR");
+	rd_kafka_topic_partition_list_t *sub;
+	rd_kafka_resp_err_t err;
+	int rc;
+
+	memset(d, 0, sizeof(*d));
+	d->conf = c;
+	d->stop = stop;
+	pthread_mutex_init(&d->lock, NULL);
+	pthread_cond_init(&d->cond_ready, NULL);
+	pthread_cond_init(&d->cond_free, NULL);
+	d->tracker = mtlz_offsets_new();
+	d->prep_ws = mtlz_prep_ws_new();
+	if (!d->tracker || !d->prep_ws)
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory");
+	rc = load_model(d, errstr, errstr_size);
+	if (rc)
+		return rc;
+	if (!schemas)
+		schemas = MTLZ_SCHEMA_DIR;
+	d->avro_in = mtlz_avro_new(schemas, c->input_schema_dir[0] ? c->input_schema_dir : NULL,
+				   errstr, errstr_size);
+	d->avro_out = d->avro_in ? mtlz_avro_new(schemas, NULL, errstr, errstr_size) : NULL;
+	if (!d->avro_in || !d->avro_out)
+		return MTLZ_ERR_FORMAT;
+	d->output_framing = mtlz_framing_parse(c->output_framing);
+	if (alloc_slots(d))
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory (slots)");
+	d->producer = make_client(d, RD_KAFKA_PRODUCER, errstr, errstr_size);
+	if (!d->producer)
+		return MTLZ_ERR_INVALID;
+	d->consumer = make_client(d, RD_KAFKA_CONSUMER, errstr, errstr_size);
+	if (!d->consumer)
+		return MTLZ_ERR_INVALID;
+	rd_kafka_poll_set_consumer(d->consumer);
+	sub = rd_kafka_topic_partition_list_new(1);
+	rd_kafka_topic_partition_list_add(sub, c->topics_input, RD_KAFKA_PARTITION_UA);
+	err = rd_kafka_subscribe(d->consumer, sub);
+	rd_kafka_topic_partition_list_destroy(sub);
+	if (err)
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID, "subscribe %s: %s",
+				c->topics_input, rd_kafka_err2str(err));
+	atomic_store(&d->infer_alive_us, now_us());
+	if (pthread_create(&d->infer_thr, NULL, infer_main, d) ||
+	    pthread_create(&d->deliver_thr, NULL, deliver_main, d))
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "cannot start threads");
+	pthread_setname_np(d->infer_thr, "mtlzd-infer");
+	pthread_setname_np(d->deliver_thr, "mtlzd-deliver");
+	mtlz_log(MTLZ_LOG_INFO, "event=started model=%s sha256=%s version=%s engine=\"%s\" "
+		 "input=%s output=%s dead_letter=%s batch=%d delay_ms=%d guarantee=%s",
+		 c->model_path, d->model_sha256, d->model_version,
+		 mtlz_engine_describe(d->engine), c->topics_input, c->topics_output,
+		 c->topics_dead_letter, c->batch_max_size, c->batch_max_delay_ms,
+		 c->delivery_guarantee);
+	return MTLZ_OK;
+}
+
+/* Sum over the assignment of (high watermark - position). */
+static int64_t consumer_lag(struct mtlzd *d)
+{
+	rd_kafka_topic_partition_list_t *a = NULL;
+	int64_t lag = 0;
+
+	if (rd_kafka_assignment(d->consumer, &a) || !a)
+		return -1;
+	rd_kafka_position(d->consumer, a);
+	for (int i = 0; i < a->cnt; i++) {
+		int64_t lo, hi;
+
+		if (rd_kafka_get_watermark_offsets(d->consumer, a->elems[i].topic,
+						   a->elems[i].partition, &lo, &hi) == 0 &&
+		    hi >= 0 && a->elems[i].offset >= 0 && hi > a->elems[i].offset)
+			lag += hi - a->elems[i].offset;
+	}
+	rd_kafka_topic_partition_list_destroy(a);
+	return lag;
+}
+
+static void report_status(struct mtlzd *d, double dt, uint64_t *last_results)
+{
+	const uint64_t res = atomic_load(&d->cnt.results_delivered);
+	uint64_t dlq = 0;
+	const double rate = dt > 0 ? (double)(res - *last_results) / dt : 0;
+	const int64_t lag = consumer_lag(d);
+
+	for (int r = 0; r < MTLZD_N_REASONS; r++)
+		dlq += atomic_load(&d->cnt.dlq_by_reason[r]);
+	*last_results = res;
+	mtlz_log(MTLZ_LOG_INFO, "event=status rate=%.1f consumed=%" PRIu64 " results=%" PRIu64
+		 " dead_letter=%" PRIu64 " batches=%" PRIu64 " lag=%" PRId64 " paused=%d",
+		 rate, (uint64_t)atomic_load(&d->cnt.consumed), res, dlq,
+		 (uint64_t)atomic_load(&d->cnt.batches), lag, d->paused);
+	sd_notifyf(0, "STATUS=%.1f spectra/s, lag %" PRId64 ", %" PRIu64 " results, %" PRIu64
+		   " dead-lettered", rate, lag, res, dlq);
+}
+
+int mtlzd_run(struct mtlzd *d)
+{
+	const mtlz_conf *c = d->conf;
+	const double delay = c->batch_max_delay_ms / 1000.0;
+	double last_status = mtlz_now();
+	uint64_t wd_usec = 0, last_results = 0;
+	rd_kafka_resp_err_t err;
+	int ready = 0, rc = 0;
+
+	if (sd_watchdog_enabled(0, &wd_usec) <= 0)
+		wd_usec = 0;
+	while (!*d->stop && !atomic_load(&d->fatal)) {
+		int timeout = 100;
+		rd_kafka_message_t *m;
+		double now;
+
+		if (d->open_slot >= 0 && d->slots[d->open_slot].n > 0) {
+			const double left = d->slots[d->open_slot].opened_at + delay - mtlz_now();
+
+			timeout = left <= 0 ? 0 : MTLZ_MIN(100, (int)(left * 1000) + 1);
+		}
+		m = rd_kafka_consumer_poll(d->consumer, timeout);
+		if (m) {
+			if (!m->err)
+				handle_message(d, m);
+			else if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF)
+				mtlz_log(MTLZ_LOG_WARN, "event=consume_error error=\"%s\"",
+					 rd_kafka_message_errstr(m));
+			rd_kafka_message_destroy(m);
+		}
+		now = mtlz_now();
+		if (d->open_slot >= 0 && d->slots[d->open_slot].n > 0 &&
+		    now - d->slots[d->open_slot].opened_at >= delay)
+			close_open_slot(d);
+		if (d->paused && d->n_free > 0)
+			set_paused(d, 0);
+		if (!ready && atomic_load(&d->joined)) {
+			ready = 1;
+			sd_notify(0, "READY=1");
+			mtlz_log(MTLZ_LOG_INFO, "event=ready");
+		}
+		/* the watchdog is fed only while the infer thread is alive too */
+		if (wd_usec && now_us() - atomic_load(&d->infer_alive_us) < (int64_t)wd_usec / 2)
+			sd_notify(0, "WATCHDOG=1");
+		if ((now - last_status) * 1000 >= c->status_interval_ms) {
+			report_status(d, now - last_status, &last_results);
+			last_status = now;
+		}
+	}
+	sd_notify(0, "STOPPING=1");
+	mtlz_log(MTLZ_LOG_INFO, "event=stopping fatal=%d", atomic_load(&d->fatal));
+	if (!atomic_load(&d->fatal)) {
+		drain_slots(d);
+		if (rd_kafka_flush(d->producer, 60 * 1000))
+			rc = -1;
+		err = rd_kafka_commit(d->consumer, NULL, 0);
+		if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
+			mtlz_log(MTLZ_LOG_WARN, "event=commit_failed error=\"%s\"",
+				 rd_kafka_err2str(err));
+	}
+	rd_kafka_consumer_close(d->consumer);
+	report_status(d, 0, &last_results);
+	return atomic_load(&d->fatal) || rc ? 1 : 0;
+}
+
+void mtlzd_destroy(struct mtlzd *d)
+{
+	atomic_store(&d->infer_stop, 1);
+	pthread_mutex_lock(&d->lock);
+	pthread_cond_broadcast(&d->cond_ready);
+	pthread_mutex_unlock(&d->lock);
+	if (d->infer_thr)
+		pthread_join(d->infer_thr, NULL);
+	atomic_store(&d->deliver_stop, 1);
+	if (d->deliver_thr)
+		pthread_join(d->deliver_thr, NULL);
+	if (d->consumer)
+		rd_kafka_destroy(d->consumer);
+	if (d->producer) {
+		rd_kafka_flush(d->producer, 5000);
+		rd_kafka_destroy(d->producer);
+	}
+	for (int i = 0; i < MTLZD_SLOTS; i++) {
+		free(d->slots[i].x);
+		free(d->slots[i].items);
+		free(d->slots[i].out);
+	}
+	mtlz_avro_free(d->avro_in);
+	mtlz_avro_free(d->avro_out);
+	mtlz_engine_free(d->engine);
+	mtlz_model_free(d->model);
+	mtlz_prep_ws_free(d->prep_ws);
+	mtlz_offsets_free(d->tracker);
+	pthread_cond_destroy(&d->cond_ready);
+	pthread_cond_destroy(&d->cond_free);
+	pthread_mutex_destroy(&d->lock);
+}

@@ -1,0 +1,494 @@
+/*
+ * test_daemon.c - mtlzd end to end against the embedded dev broker (a real
+ * Kafka protocol: librdkafka's mock cluster in mtlz-devbroker), each test
+ * starting its own broker, daemon(s), mtlz-replay and readers as separate
+ * processes, as an operator would:
+ *   - N spectra in -> exactly N results, decodable with result.avsc alone;
+ *   - poison messages of every reason class -> dead-letter topic with the
+ *     original bytes and reason headers, and the stream carries on;
+ *   - SIGTERM drains and commits (a restart produces nothing new);
+ *   - kill -9 mid-stream, restart: nothing lost;
+ *   - systemd notifications on a socket the test owns;
+ *   - two daemons in one group share the partitions, every result produced;
+ *   - a broker outage (down, up) is survived.
+ */
+#define _GNU_SOURCE
+#include "avro_io.h"
+#include "common.h"
+#include "fits_io.h"
+
+#include <criterion/criterion.h>
+#include <fcntl.h>
+#include <librdkafka/rdkafka.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define BIN MTLZ_BIN_DIR
+#define DAEMON MTLZ_BIN_DIR "/../daemon/mtlzd"
+#define DATA MTLZ_TEST_DATA
+
+static char dir[64], brokers[256], model[300], config[300];
+static pid_t broker_pid;
+
+/* fork/exec with stdout to `out_fd` (pipe) or a log file, stderr to a log. */
+static pid_t spawn(char *const argv[], const char *log, int *out_fd, char *const env[])
+{
+	int pfd[2] = { -1, -1 };
+	pid_t pid;
+
+	if (out_fd)
+		cr_assert_eq(pipe(pfd), 0);
+	pid = fork();
+	cr_assert_geq(pid, 0);
+	if (pid == 0) {
+		int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+
+		dup2(fd, 2);
+		if (out_fd) {
+			dup2(pfd[1], 1);
+			close(pfd[0]);
+		} else {
+			dup2(fd, 1);
+		}
+		for (int i = 0; env && env[i]; i++)
+			putenv(env[i]);
+		setenv("MTLZ_SCHEMA_DIR", MTLZ_SOURCE_DIR "/schemas", 1);
+		execv(argv[0], argv);
+		_exit(127);
+	}
+	if (out_fd) {
+		close(pfd[1]);
+		*out_fd = pfd[0];
+	}
+	return pid;
+}
+
+static int wait_exit(pid_t pid, int timeout_s)
+{
+	for (int i = 0; i < timeout_s * 20; i++) {
+		int st;
+
+		if (waitpid(pid, &st, WNOHANG) == pid)
+			return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+		usleep(50000);
+	}
+	kill(pid, SIGKILL);
+	waitpid(pid, NULL, 0);
+	return -1;
+}
+
+static void setup(void)
+{
+	char cmd[1024], line[256], log[300];
+	int fd;
+	FILE *f;
+	char *argv[] = { BIN "/mtlz-devbroker", "--partitions", "4", NULL };
+
+	signal(SIGPIPE, SIG_IGN);
+	snprintf(dir, sizeof(dir), "/tmp/mtlz-test-daemon-XXXXXX");
+	cr_assert_not_null(mkdtemp(dir));
+	snprintf(log, sizeof(log), "%s/broker.log", dir);
+	broker_pid = spawn(argv, log, &fd, NULL);
+	f = fdopen(fd, "r");
+	cr_assert_not_null(fgets(line, sizeof(line), f), "dev broker printed nothing");
+	cr_assert(strncmp(line, "bootstrap=", 10) == 0, "first line: %s", line);
+	line[strcspn(line, "\n")] = '\0';
+	snprintf(brokers, sizeof(brokers), "%s", line + 10);
+	fclose(f);
+	snprintf(model, sizeof(model), "%s/model.safetensors", dir);
+	snprintf(cmd, sizeof(cmd), BIN "/mtlz init -o %s --seed 5 2>/dev/null", model);
+	cr_assert_eq(system(cmd), 0);
+	snprintf(config, sizeof(config), "%s/mtlzd.yaml", dir);
+	f = fopen(config, "w");
+	fprintf(f, "kafka:\n  brokers: \"%s\"\n  group_id: mtlzd-test\n"
+		"  consumer:\n    session.timeout.ms: 6000\n"
+		"model:\n  path: %s\n"
+		"engine:\n  threads: 1\n  mc_samples: 10\n"
+		"batch:\n  max_size: 8\n  max_delay_ms: 20\n"
+		"status:\n  interval_ms: 500\n", brokers, model);
+	fclose(f);
+}
+
+static void teardown(void)
+{
+	char cmd[300];
+
+	kill(broker_pid, SIGTERM);
+	wait_exit(broker_pid, 10);
+	snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+	if (!getenv("MTLZ_TEST_KEEP"))
+		cr_assert_eq(system(cmd), 0);
+}
+
+TestSuite(daemon, .init = setup, .fini = teardown, .timeout = 240);
+
+static pid_t start_daemon(const char *name, char *const extra_env[], const char *set)
+{
+	char log[300];
+	char *argv[] = { DAEMON, "--config", config, set ? "--set" : NULL, (char *)set, NULL };
+
+	snprintf(log, sizeof(log), "%s/%s.log", dir, name);
+	return spawn(argv, log, NULL, extra_env);
+}
+
+/* Produces `count` spectra from the fixtures (looping) with mtlz-replay. */
+static void replay(int count, const char *framing)
+{
+	char cmd[1024];
+
+	snprintf(cmd, sizeof(cmd), "MTLZ_SCHEMA_DIR=%s/schemas " BIN "/mtlz-replay --brokers %s "
+		 "--topic spectra --framing %s --count %d --loop " DATA "/spec-0266-51602-0001.fits "
+		 DATA "/spec-0266-51630-0174.fits " DATA "/spec-0266-51602-0573.fits "
+		 DATA "/spec-3586-55181-0003.fits " DATA "/coadd-4-80613.fits >>%s/replay.log 2>&1",
+		 MTLZ_SOURCE_DIR, brokers, framing, count, dir);
+	cr_assert_eq(system(cmd), 0, "mtlz-replay failed, see %s/replay.log", dir);
+}
+
+/* Reads the result topic with `mtlz consume` until `want` results or `idle`
+ * seconds without one; returns how many rows, and how many distinct
+ * (partition, offset) sources in *distinct. */
+static int read_results(int want, int idle, int *distinct)
+{
+	char cmd[512], line[1024];
+	static char seen[4][4096];
+	FILE *p;
+	int n = 0;
+
+	memset(seen, 0, sizeof(seen));
+	*distinct = 0;
+	snprintf(cmd, sizeof(cmd), "MTLZ_SCHEMA_DIR=%s/schemas " BIN "/mtlz consume --brokers %s "
+		 "--count %d --timeout %d 2>>%s/consume.log", MTLZ_SOURCE_DIR, brokers, want,
+		 idle, dir);
+	p = popen(cmd, "r");
+	cr_assert_not_null(p);
+	while (fgets(line, sizeof(line), p)) {
+		char *last = strrchr(line, ','), *prev;
+		int part;
+		long off;
+
+		if (strncmp(line, "spec_id,", 8) == 0 || !last)
+			continue;
+		*last = '\0';
+		prev = strrchr(line, ',');
+		part = atoi(prev + 1);
+		off = atol(last + 1);
+		n++;
+		if (part >= 0 && part < 4 && off >= 0 && off < 4096 && !seen[part][off]) {
+			seen[part][off] = 1;
+			(*distinct)++;
+		}
+	}
+	pclose(p);
+	return n;
+}
+
+Test(daemon, n_spectra_in_exactly_n_results_out)
+{
+	pid_t d = start_daemon("mtlzd", NULL, NULL);
+	int distinct, n;
+
+	replay(40, "single_object");
+	n = read_results(41, 8, &distinct);
+	cr_assert_eq(n, 40, "results: %d (see %s)", n, dir);
+	cr_assert_eq(distinct, 40);
+	kill(d, SIGTERM);
+	cr_assert_eq(wait_exit(d, 60), 0, "clean stop exits 0");
+}
+
+Test(daemon, every_input_framing_is_read)
+{
+	char cmd[1024], set[400];
+	int distinct;
+	pid_t d;
+
+	/* a schema registry directory: Confluent id 1 = our spectrum schema */
+	snprintf(cmd, sizeof(cmd), "mkdir -p %s/registry && cp %s/schemas/spectrum.avsc %s/registry/1.avsc",
+		 dir, MTLZ_SOURCE_DIR, dir);
+	cr_assert_eq(system(cmd), 0);
+	snprintf(set, sizeof(set), "input.schema_dir=%s/registry", dir);
+	d = start_daemon("mtlzd", NULL, set);
+
+	replay(5, "single_object");
+	replay(5, "container");
+	replay(5, "confluent");
+	cr_assert_eq(read_results(16, 8, &distinct), 15, "see %s", dir);
+	cr_assert_eq(distinct, 15);
+	kill(d, SIGTERM);
+	cr_assert_eq(wait_exit(d, 60), 0);
+}
+
+static void produce_raw(rd_kafka_t *rk, const void *buf, size_t len)
+{
+	cr_assert_eq(rd_kafka_producev(rk, RD_KAFKA_V_TOPIC("spectra"),
+				       RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+				       RD_KAFKA_V_VALUE((void *)buf, len), RD_KAFKA_V_END), 0);
+}
+
+static rd_kafka_t *client(rd_kafka_type_t type, const char *group)
+{
+	rd_kafka_conf_t *c = rd_kafka_conf_new();
+	char err[256];
+	rd_kafka_t *rk;
+
+	rd_kafka_conf_set(c, "bootstrap.servers", brokers, err, sizeof(err));
+	if (group) {
+		rd_kafka_conf_set(c, "group.id", group, err, sizeof(err));
+		rd_kafka_conf_set(c, "auto.offset.reset", "earliest", err, sizeof(err));
+	}
+	rk = rd_kafka_new(type, c, err, sizeof(err));
+	cr_assert_not_null(rk, "%s", err);
+	return rk;
+}
+
+/* A spectrum message in single-object framing, or NULL. */
+static uint8_t *encode(mtlz_avro *a, const mtlz_spectrum *s, size_t *len)
+{
+	uint8_t *buf = NULL;
+	char err[256];
+
+	cr_assert_eq(mtlz_avro_encode_spectrum(a, s, MTLZ_FRAMING_SINGLE_OBJECT, 0, &buf, len,
+					       err, sizeof(err)), 0, "%s", err);
+	return buf;
+}
+
+Test(daemon, poison_messages_go_to_dead_letter_and_stream_continues)
+{
+	pid_t d = start_daemon("mtlzd", NULL, "input.max_message_bytes=200000");
+	rd_kafka_t *p = client(RD_KAFKA_PRODUCER, NULL), *c;
+	mtlz_avro *a;
+	mtlz_spectra sp = { 0 };
+	mtlz_spectrum s;
+	uint8_t junk[64], *buf, *big;
+	size_t len;
+	char err[512];
+	static const char *want[] = { "framing", "schema", "avro", "oversize", "coverage",
+				      "nonpositive_mean", "no_data" };
+	int got[7] = { 0 }, n_dlq = 0, distinct;
+	rd_kafka_topic_partition_list_t *sub;
+
+	a = mtlz_avro_new(MTLZ_SOURCE_DIR "/schemas", NULL, err, sizeof(err));
+	cr_assert_not_null(a, "%s", err);
+	cr_assert_eq(mtlz_fits_read(DATA "/spec-0266-51602-0001.fits", &sp, err, sizeof(err)), 0);
+	/* framing: no magic byte we know */
+	memset(junk, 'x', sizeof(junk));
+	produce_raw(p, junk, sizeof(junk));
+	/* schema: single-object magic with an unknown fingerprint */
+	junk[0] = 0xC3; junk[1] = 0x01;
+	produce_raw(p, junk, sizeof(junk));
+	/* avro: our fingerprint, then bytes that do not decode */
+	buf = encode(a, &sp.v[0], &len);
+	memset(buf + 10, 0xff, 32);
+	produce_raw(p, buf, 42);
+	free(buf);
+	/* oversize: a good message, 4x the limit set above */
+	big = calloc(800000, 1);
+	produce_raw(p, big, 800000);
+	free(big);
+	/* coverage: only 6000-9000 A */
+	mtlz_spectrum_init(&s);
+	mtlz_spectrum_alloc(&s, 3000, 0, 0, 0);
+	s.grid_kind = MTLZ_GRID_LINEAR;
+	s.start = 6000;
+	s.step = 1;
+	strcpy(s.spec_id, "short");
+	for (int i = 0; i < 3000; i++)
+		s.flux[i] = 1.0f;
+	buf = encode(a, &s, &len);
+	produce_raw(p, buf, len);
+	free(buf);
+	/* nonpositive mean, then all NaN */
+	s.start = 3600;
+	for (int i = 0; i < 3000; i++)
+		s.flux[i] = -1.0f;
+	s.step = 2;
+	buf = encode(a, &s, &len);
+	produce_raw(p, buf, len);
+	free(buf);
+	for (int i = 0; i < 3000; i++)
+		s.flux[i] = 0.0f / 0.0f;
+	buf = encode(a, &s, &len);
+	produce_raw(p, buf, len);
+	free(buf);
+	mtlz_spectrum_clear(&s);
+	/* and good spectra after the poison */
+	for (int i = 0; i < 5; i++) {
+		buf = encode(a, &sp.v[0], &len);
+		produce_raw(p, buf, len);
+		free(buf);
+	}
+	cr_assert_eq(rd_kafka_flush(p, 10000), 0);
+	rd_kafka_destroy(p);
+	mtlz_spectra_free(&sp);
+	mtlz_avro_free(a);
+
+	cr_assert_eq(read_results(6, 8, &distinct), 5, "the good spectra still come out (%s)", dir);
+	c = client(RD_KAFKA_CONSUMER, "dlq-reader");
+	rd_kafka_poll_set_consumer(c);
+	sub = rd_kafka_topic_partition_list_new(1);
+	rd_kafka_topic_partition_list_add(sub, "spectra.dlq", RD_KAFKA_PARTITION_UA);
+	rd_kafka_subscribe(c, sub);
+	rd_kafka_topic_partition_list_destroy(sub);
+	for (double t0 = mtlz_now(); n_dlq < 7 && mtlz_now() - t0 < 20;) {
+		rd_kafka_message_t *m = rd_kafka_consumer_poll(c, 200);
+		rd_kafka_headers_t *h;
+		const void *v;
+		size_t vl;
+
+		if (!m)
+			continue;
+		if (!m->err && rd_kafka_message_headers(m, &h) == 0 &&
+		    rd_kafka_header_get_last(h, "mtlz.error.class", &v, &vl) == 0) {
+			n_dlq++;
+			for (int k = 0; k < 7; k++)
+				if (vl == strlen(want[k]) && memcmp(v, want[k], vl) == 0)
+					got[k]++;
+			cr_assert_eq(rd_kafka_header_get_last(h, "mtlz.error.detail", &v, &vl), 0);
+			cr_assert_gt(vl, 0);
+			if (vl == 0)
+				continue;
+		}
+		rd_kafka_message_destroy(m);
+	}
+	rd_kafka_consumer_close(c);
+	rd_kafka_destroy(c);
+	cr_assert_eq(n_dlq, 7, "dead-lettered: %d", n_dlq);
+	for (int k = 0; k < 7; k++)
+		cr_assert_eq(got[k], 1, "class %s seen %d times", want[k], got[k]);
+	kill(d, SIGTERM);
+	cr_assert_eq(wait_exit(d, 60), 0);
+}
+
+Test(daemon, sigterm_drains_and_commits)
+{
+	pid_t d = start_daemon("mtlzd", NULL, NULL);
+	int distinct;
+
+	replay(24, "single_object");
+	cr_assert_eq(read_results(24, 8, &distinct), 24);
+	kill(d, SIGTERM);
+	cr_assert_eq(wait_exit(d, 60), 0);
+	/* committed: a restarted daemon has nothing to redo */
+	d = start_daemon("mtlzd2", NULL, NULL);
+	sleep(6);
+	cr_assert_eq(read_results(25, 4, &distinct), 24, "no duplicates after a clean stop");
+	kill(d, SIGTERM);
+	cr_assert_eq(wait_exit(d, 60), 0);
+}
+
+Test(daemon, kill_9_mid_stream_then_restart_loses_nothing)
+{
+	pid_t d = start_daemon("mtlzd", NULL, "batch.max_delay_ms=200");
+	int distinct, n;
+
+	replay(60, "single_object");
+	usleep(1500 * 1000);
+	kill(d, SIGKILL);
+	wait_exit(d, 10);
+	d = start_daemon("mtlzd2", NULL, NULL);
+	n = read_results(1000, 10, &distinct);
+	cr_assert_eq(distinct, 60, "every input has a result (%d rows, %d distinct)", n, distinct);
+	cr_assert_geq(n, 60);
+	kill(d, SIGTERM);
+	cr_assert_eq(wait_exit(d, 60), 0);
+}
+
+Test(daemon, systemd_notifications_on_our_socket)
+{
+	struct sockaddr_un addr = { .sun_family = AF_UNIX };
+	char env[160], buf[512], all[8192] = "";
+	int fd = socket(AF_UNIX, SOCK_DGRAM, 0);
+	char *extra[] = { env, NULL };
+	pid_t d;
+
+	snprintf(addr.sun_path, sizeof(addr.sun_path), "%s/notify.sock", dir);
+	cr_assert_eq(bind(fd, (struct sockaddr *)&addr, sizeof(addr)), 0);
+	snprintf(env, sizeof(env), "NOTIFY_SOCKET=%s", addr.sun_path);
+	d = start_daemon("mtlzd", extra, NULL);
+	replay(8, "single_object");
+	/* READY=1 once joined; STATUS= lines come every status.interval_ms */
+	for (double t0 = mtlz_now(); mtlz_now() - t0 < 30 &&
+	     !(strstr(all, "READY=1") && strstr(strstr(all, "READY=1"), "STATUS="));) {
+		struct timeval tv = { 0, 200000 };
+		ssize_t n;
+
+		setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+		n = recv(fd, buf, sizeof(buf) - 1, 0);
+		if (n > 0) {
+			buf[n] = '\0';
+			strncat(all, buf, sizeof(all) - strlen(all) - 2);
+			strcat(all, "\n");
+		}
+	}
+	cr_assert(strstr(all, "READY=1"), "got: %s", all);
+	cr_assert(strstr(all, "STATUS="), "got: %s", all);
+	kill(d, SIGTERM);
+	for (double t0 = mtlz_now(); mtlz_now() - t0 < 20 && !strstr(all, "STOPPING=1");) {
+		ssize_t n = recv(fd, buf, sizeof(buf) - 1, 0);
+
+		if (n > 0) {
+			buf[n] = '\0';
+			strncat(all, buf, sizeof(all) - strlen(all) - 2);
+		}
+	}
+	cr_assert(strstr(all, "STOPPING=1"), "got: %s", all);
+	cr_assert_lt(strstr(all, "READY=1"), strstr(all, "STOPPING=1"));
+	cr_assert_eq(wait_exit(d, 60), 0);
+	close(fd);
+}
+
+Test(daemon, two_daemons_share_the_partitions)
+{
+	pid_t a = start_daemon("mtlzd-a", NULL, NULL), b = start_daemon("mtlzd-b", NULL, NULL);
+	int distinct, n;
+	char path[320], line[512];
+	FILE *f;
+	int a_rows = 0, b_rows = 0;
+
+	sleep(4); /* both join before data arrive */
+	replay(48, "single_object");
+	n = read_results(1000, 8, &distinct);
+	cr_assert_eq(distinct, 48, "%d rows, %d distinct", n, distinct);
+	kill(a, SIGTERM);
+	kill(b, SIGTERM);
+	cr_assert_eq(wait_exit(a, 60), 0);
+	cr_assert_eq(wait_exit(b, 60), 0);
+	/* both did work: each logged assigned partitions and results */
+	snprintf(path, sizeof(path), "%s/mtlzd-a.log", dir);
+	f = fopen(path, "r");
+	while (f && fgets(line, sizeof(line), f))
+		if (strstr(line, "event=status") && !strstr(line, "results=0 "))
+			a_rows++;
+	if (f)
+		fclose(f);
+	snprintf(path, sizeof(path), "%s/mtlzd-b.log", dir);
+	f = fopen(path, "r");
+	while (f && fgets(line, sizeof(line), f))
+		if (strstr(line, "event=status") && !strstr(line, "results=0 "))
+			b_rows++;
+	if (f)
+		fclose(f);
+	cr_assert(a_rows > 0 && b_rows > 0, "both daemons produced results (%d, %d)", a_rows, b_rows);
+}
+
+Test(daemon, broker_outage_is_survived)
+{
+	pid_t d = start_daemon("mtlzd", NULL, NULL);
+	int distinct, n;
+
+	replay(16, "single_object");
+	kill(broker_pid, SIGUSR1);  /* broker 1 down */
+	sleep(3);
+	kill(broker_pid, SIGUSR2);  /* and back */
+	replay(16, "single_object");
+	n = read_results(1000, 10, &distinct);
+	cr_assert_eq(distinct, 32, "%d rows, %d distinct (%s)", n, distinct, dir);
+	kill(d, SIGTERM);
+	cr_assert_eq(wait_exit(d, 60), 0);
+}
