@@ -610,6 +610,11 @@ int mtlzd_start(struct mtlzd *d, const mtlz_conf *c, volatile sig_atomic_t *stop
 	pthread_mutex_init(&d->lock, NULL);
 	pthread_cond_init(&d->cond_ready, NULL);
 	pthread_cond_init(&d->cond_free, NULL);
+	if (strcmp(c->delivery_guarantee, "at_least_once") != 0)
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_UNSUPPORTED,
+				"delivery.guarantee %s is not implemented yet in this "
+				"build (docs/daemon.md); use at_least_once",
+				c->delivery_guarantee);
 	d->tracker = mtlz_offsets_new();
 	d->prep_ws = mtlz_prep_ws_new();
 	if (!d->tracker || !d->prep_ws)

@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# The main job on the bundled sample data: classify the real SDSS, BOSS and
-# DESI spectra in tests/data and print the table. Installs and builds first.
+# The main job on the bundled sample data, end to end through Kafka:
+#   1. start the embedded dev broker (librdkafka's mock cluster, loopback),
+#   2. start mtlzd (etc/mtlzd.yaml, pointed at it) with the bundled model,
+#   3. replay the bundled real SDSS, BOSS and DESI spectra (tests/data) as
+#      Avro with mtlz-replay,
+#   4. read the results back from the output topic and print them.
+# Installs the Debian packages and builds first.
 #
 # The model is a randomly initialised one (mtlz init, seed 1) until a
 # trained model ships (mtlz-retrain): the table shows the pipeline working
@@ -9,8 +14,36 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/install-deps.sh
 tools/build.sh build
-model=build/mtlz-random.safetensors
-[ -f "$model" ] || build/tools/mtlz init -o "$model" --seed 1
-build/tools/mtlz info "$model" | head -8
-echo
-build/tools/mtlz classify --model "$model" --mc 100 tests/data/spec-*.fits tests/data/coadd-*.fits
+B=build
+work=$(mktemp -d)
+cleanup() {
+	[ -n "${daemon_pid:-}" ] && kill -TERM "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null
+	[ -n "${broker_pid:-}" ] && kill -TERM "$broker_pid" 2>/dev/null && wait "$broker_pid" 2>/dev/null
+	rm -rf "$work"
+}
+trap cleanup EXIT
+export MTLZ_SCHEMA_DIR="$PWD/schemas"
+
+model=$B/mtlz-random.safetensors
+[ -f "$model" ] || $B/tools/mtlz init -o "$model" --seed 1
+
+$B/tools/mtlz-devbroker --partitions 4 > "$work/broker.out" 2> "$work/broker.log" &
+broker_pid=$!
+for _ in $(seq 100); do grep -q '^bootstrap=' "$work/broker.out" && break; sleep 0.1; done
+brokers=$(sed -n 's/^bootstrap=//p' "$work/broker.out")
+echo "== dev broker at $brokers"
+
+$B/daemon/mtlzd --config etc/mtlzd.yaml --set kafka.brokers="$brokers" \
+	--set model.path="$model" --set batch.max_delay_ms=20 \
+	--set status.interval_ms=2000 2> "$work/mtlzd.log" &
+daemon_pid=$!
+
+files=(tests/data/spec-*.fits tests/data/coadd-*.fits)
+echo "== replaying ${#files[@]} real spectrum files"
+$B/tools/mtlz-replay --brokers "$brokers" --topic spectra "${files[@]}"
+
+echo "== results from topic 'results'"
+$B/tools/mtlz consume --brokers "$brokers" --topic results --count "${#files[@]}" --timeout 30
+echo "== mtlzd log"
+kill -TERM "$daemon_pid"; wait "$daemon_pid" || true; daemon_pid=
+cat "$work/mtlzd.log"

@@ -14,6 +14,8 @@ PKGS="$PKGS libcriterion-dev"
 # PyTorch reference for the cross-check test and the benchmark (Debian's
 # python3-torch runs on the system /usr/bin/python3)
 PKGS="$PKGS python3 python3-numpy python3-torch"
+# a third-party Avro reader for the schema-contract tests
+PKGS="$PKGS python3-avro"
 
 missing=""
 for p in $PKGS; do
