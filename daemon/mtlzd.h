@@ -57,6 +57,7 @@ struct mtlzd_item {
 	char spec_id[64];
 	int32_t partition;
 	int64_t offset;
+	int64_t ts_ms;            /* input message timestamp (-1 if none) */
 	uint32_t flags;
 };
 
@@ -100,7 +101,6 @@ struct mtlzd {
 	atomic_int fatal;             /* a fatal error: stop and exit non-zero */
 	atomic_int joined;            /* first assignment seen */
 	atomic_int_fast64_t infer_alive_us;
-	int paused;
 	pthread_t infer_thr, deliver_thr;
 };
 

@@ -50,6 +50,17 @@ static void unpack_po(void *op, int32_t *p, int64_t *off)
 	*off = (int64_t)(v & 0xffffffffffffull);
 }
 
+/* Marks a fatal error and wakes every waiter, so that the threads stop.
+ * @locality any thread; takes d->lock */
+static void set_fatal(struct mtlzd *d)
+{
+	pthread_mutex_lock(&d->lock);
+	atomic_store(&d->fatal, 1);
+	pthread_cond_broadcast(&d->cond_free);
+	pthread_cond_broadcast(&d->cond_ready);
+	pthread_mutex_unlock(&d->lock);
+}
+
 /* ---- offsets -------------------------------------------------------- */
 
 /* The output for (p, off) is acknowledged: store the commit position.
@@ -85,7 +96,7 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
 		mtlz_log(MTLZ_LOG_ERROR, "event=delivery_failed topic=%s partition=%" PRId32
 			 " offset=%" PRId64 " error=\"%s\"", rd_kafka_topic_name(m->rkt), p,
 			 off, rd_kafka_err2str(m->err));
-		atomic_store(&d->fatal, 1);
+		set_fatal(d);
 		return;
 	}
 	atomic_fetch_add(dlq ? &d->cnt.dlq_delivered : &d->cnt.results_delivered, 1);
@@ -96,7 +107,7 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
 
 /* Produces one message, retrying while the local queue is full (that is the
  * backpressure: the caller's thread waits, slots stay busy, the consumer
- * pauses). Returns 0, or -1 on a non-retriable error (fatal). */
+ * stops polling). Returns 0, or -1 on a non-retriable error (fatal). */
 static int produce(struct mtlzd *d, const char *topic, const void *val, size_t len,
 		   const char *key, size_t klen, rd_kafka_headers_t *hdrs, void *op)
 {
@@ -116,7 +127,7 @@ static int produce(struct mtlzd *d, const char *topic, const void *val, size_t l
 		rd_kafka_headers_destroy(hdrs);
 		mtlz_log(MTLZ_LOG_ERROR, "event=produce_failed topic=%s error=\"%s\"", topic,
 			 rd_kafka_err2str(err));
-		atomic_store(&d->fatal, 1);
+		set_fatal(d);
 		return -1;
 	}
 	return 0;
@@ -167,43 +178,22 @@ static void close_open_slot(struct mtlzd *d)
 	d->open_slot = -1;
 }
 
-static void set_paused(struct mtlzd *d, int pause)
-{
-	rd_kafka_topic_partition_list_t *a = NULL;
-
-	if (d->paused == pause || rd_kafka_assignment(d->consumer, &a) || !a)
-		return;
-	if (pause)
-		rd_kafka_pause_partitions(d->consumer, a);
-	else
-		rd_kafka_resume_partitions(d->consumer, a);
-	rd_kafka_topic_partition_list_destroy(a);
-	d->paused = pause;
-	mtlz_log(MTLZ_LOG_DEBUG, "event=%s", pause ? "paused" : "resumed");
-}
-
-/* Makes sure there is an open slot with room, waiting for the infer thread
- * if all are busy; the partitions are paused while we wait (backpressure:
- * bounded memory whatever the backlog). @locality consume thread */
+/*
+ * Makes sure there is an open slot, waiting for the infer thread if all are
+ * busy. This is the backpressure: while we wait, nothing is polled, so
+ * librdkafka's prefetch queue fills up to queued.max.messages.kbytes and its
+ * fetcher stops; memory stays bounded whatever the backlog. (Pausing the
+ * partitions instead would purge the prefetched messages and re-fetch them;
+ * librdkafka 2.0.2 has been seen to stall after such a resume.)
+ * @locality consume thread
+ */
 static int ensure_open_slot(struct mtlzd *d)
 {
 	if (d->open_slot >= 0)
 		return 0;
 	pthread_mutex_lock(&d->lock);
-	while (d->n_free == 0 && !atomic_load(&d->fatal)) {
-		struct timespec ts;
-
-		pthread_mutex_unlock(&d->lock);
-		set_paused(d, 1);
-		pthread_mutex_lock(&d->lock);
-		clock_gettime(CLOCK_REALTIME, &ts);
-		ts.tv_nsec += 100 * 1000000L;
-		if (ts.tv_nsec >= 1000000000L) {
-			ts.tv_sec++;
-			ts.tv_nsec -= 1000000000L;
-		}
-		pthread_cond_timedwait(&d->cond_free, &d->lock, &ts);
-	}
+	while (d->n_free == 0 && !atomic_load(&d->fatal))
+		pthread_cond_wait(&d->cond_free, &d->lock);
 	if (d->n_free == 0) {
 		pthread_mutex_unlock(&d->lock);
 		return -1;
@@ -295,6 +285,7 @@ static void handle_message(struct mtlzd *d, rd_kafka_message_t *m)
 	snprintf(it->spec_id, sizeof(it->spec_id), "%s", sp.spec_id);
 	it->partition = m->partition;
 	it->offset = m->offset;
+	it->ts_ms = rd_kafka_message_timestamp(m, NULL);
 	it->flags = info.flags;
 	mtlz_spectrum_clear(&sp);
 	if (s->n == d->conf->batch_max_size)
@@ -335,12 +326,18 @@ static void publish_results(struct mtlzd *d, struct mtlzd_slot *s)
 					    sizeof(err)) != MTLZ_OK) {
 			mtlz_log(MTLZ_LOG_ERROR, "event=encode_failed spec_id=%s error=\"%s\"",
 				 r.spec_id, err);
-			atomic_store(&d->fatal, 1);
+			set_fatal(d);
 			return;
 		}
-		h = rd_kafka_headers_new(2);
+		h = rd_kafka_headers_new(3);
 		rd_kafka_header_add(h, "mtlz.model.sha256", -1, d->model_sha256, -1);
 		rd_kafka_header_add(h, "mtlz.schema.fingerprint", -1, fp, -1);
+		if (s->items[i].ts_ms >= 0) {
+			char ts[24];
+
+			snprintf(ts, sizeof(ts), "%" PRId64, s->items[i].ts_ms);
+			rd_kafka_header_add(h, "mtlz.source.timestamp_ms", -1, ts, -1);
+		}
 		if (produce(d, d->conf->topics_output, buf, len, r.spec_id, strlen(r.spec_id),
 			    h, pack_po(r.source_partition, r.source_offset)) == 0)
 			atomic_fetch_add(&d->cnt.results_produced, 1);
@@ -379,7 +376,7 @@ static void *infer_main(void *arg)
 		if (mtlz_engine_run(d->engine, s->x, s->n, d->conf->engine_mc_samples, s->out,
 				    err, sizeof(err)) != MTLZ_OK) {
 			mtlz_log(MTLZ_LOG_ERROR, "event=engine_failed error=\"%s\"", err);
-			atomic_store(&d->fatal, 1);
+			set_fatal(d);
 		} else {
 			publish_results(d, s);
 			atomic_fetch_add(&d->cnt.batches, 1);
@@ -419,8 +416,6 @@ static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 			e = rd_kafka_incremental_assign(rk, parts);
 		else
 			rd_kafka_assign(rk, parts);
-		if (d->paused)
-			rd_kafka_pause_partitions(rk, parts);
 		atomic_store(&d->joined, 1);
 		mtlz_log(MTLZ_LOG_INFO, "event=assigned partitions=%d protocol=%s",
 			 parts->cnt, rd_kafka_rebalance_protocol(rk));
@@ -458,7 +453,7 @@ static void on_error(rd_kafka_t *rk, int err, const char *reason, void *opaque)
 	if (rd_kafka_fatal_error(rk, NULL, 0)) {
 		mtlz_log(MTLZ_LOG_ERROR, "event=kafka_fatal client=%s error=\"%s\"",
 			 rd_kafka_name(rk), reason);
-		atomic_store(&d->fatal, 1);
+		set_fatal(d);
 		return;
 	}
 	/* transient (broker down, transport): librdkafka retries with backoff */
@@ -693,9 +688,9 @@ static void report_status(struct mtlzd *d, double dt, uint64_t *last_results)
 		dlq += atomic_load(&d->cnt.dlq_by_reason[r]);
 	*last_results = res;
 	mtlz_log(MTLZ_LOG_INFO, "event=status rate=%.1f consumed=%" PRIu64 " results=%" PRIu64
-		 " dead_letter=%" PRIu64 " batches=%" PRIu64 " lag=%" PRId64 " paused=%d",
+		 " dead_letter=%" PRIu64 " batches=%" PRIu64 " lag=%" PRId64,
 		 rate, (uint64_t)atomic_load(&d->cnt.consumed), res, dlq,
-		 (uint64_t)atomic_load(&d->cnt.batches), lag, d->paused);
+		 (uint64_t)atomic_load(&d->cnt.batches), lag);
 	sd_notifyf(0, "STATUS=%.1f spectra/s, lag %" PRId64 ", %" PRIu64 " results, %" PRIu64
 		   " dead-lettered", rate, lag, res, dlq);
 }
@@ -734,8 +729,6 @@ int mtlzd_run(struct mtlzd *d)
 		if (d->open_slot >= 0 && d->slots[d->open_slot].n > 0 &&
 		    now - d->slots[d->open_slot].opened_at >= delay)
 			close_open_slot(d);
-		if (d->paused && d->n_free > 0)
-			set_paused(d, 0);
 		if (!ready && atomic_load(&d->joined)) {
 			ready = 1;
 			sd_notify(0, "READY=1");

@@ -57,7 +57,8 @@ static const char usage[] =
 	"      --confluent-id N  schema id for the confluent framing (default 1)\n"
 	"  -r, --rate R          spectra per second (default: as fast as possible)\n"
 	"  -n, --count N         stop after N messages\n"
-	"  -l, --loop            repeat the inputs until --count or SIGINT\n"
+	"  -l, --loop            repeat the inputs until --count or SIGINT; pass k > 0\n"
+	"                        sends spec_id \"<id>#k\" (distinct ids and keys)\n"
 	"  -X, --property K=V    raw librdkafka producer property (repeatable)\n"
 	"Environment: MTLZ_SCHEMA_DIR overrides where spectrum.avsc is.\n";
 
@@ -68,6 +69,7 @@ struct replay {
 	int framing, confluent_id;
 	double rate, t0, last_progress;
 	long count, n_sent, n_bad_inputs;
+	mtlz_spectra *cache;      /* --loop: every spectrum read once, kept */
 };
 
 static void progress(struct replay *r, int final)
@@ -194,11 +196,13 @@ static int send_file(struct replay *r, const char *path)
 
 	if (stat(path, &st) == 0 && S_ISDIR(st.st_mode))
 		return send_dir(r, path);
-	if (mtlz_fits_read(path, &sp, err, sizeof(err)) != MTLZ_OK) {
+	if (mtlz_fits_read(path, r->cache ? r->cache : &sp, err, sizeof(err)) != MTLZ_OK) {
 		fprintf(stderr, "mtlz-replay: %s\n", err);
 		r->n_bad_inputs++;
 		return 0;
 	}
+	if (r->cache)
+		return 0; /* sent from the cache */
 	for (size_t i = 0; i < sp.n && rc == 0; i++)
 		rc = send_one(r, &sp.v[i]);
 	mtlz_spectra_free(&sp);
@@ -288,20 +292,53 @@ int main(int argc, char **argv)
 		fprintf(stderr, "mtlz-replay: %s\n", err);
 		return 1;
 	}
+	{
+		/* connect before the clock starts: message timestamps then
+		 * measure the pipeline, not our own broker connection */
+		const struct rd_kafka_metadata *md = NULL;
+		rd_kafka_topic_t *t = rd_kafka_topic_new(r.rk, r.topic, NULL);
+		rd_kafka_resp_err_t e = rd_kafka_metadata(r.rk, 0, t, &md, 10000);
+
+		rd_kafka_topic_destroy(t);
+		if (e) {
+			fprintf(stderr, "mtlz-replay: %s: topic %s: %s\n", brokers, r.topic,
+				rd_kafka_err2str(e));
+			rd_kafka_destroy(r.rk);
+			mtlz_avro_free(r.avro);
+			return 1;
+		}
+		rd_kafka_metadata_destroy(md);
+	}
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_handler = on_signal;
 	sigaction(SIGTERM, &sa, NULL);
 	sigaction(SIGINT, &sa, NULL);
 	r.t0 = r.last_progress = mtlz_now();
-	do {
-		const long before = r.n_sent;
+	if (loop) {
+		/* read every input once; then cycle through them in memory */
+		static mtlz_spectra cache;
 
+		r.cache = &cache;
+		for (int i = optind; i < argc; i++)
+			send_file(&r, argv[i]);
+		r.cache = NULL;
+		r.t0 = r.last_progress = mtlz_now();
+		/* pass k > 0 sends "<spec_id>#k": distinct ids (and record keys,
+		 * so partitions) as distinct spectra from a pipeline would have */
+		for (long pass = 0; cache.n && rc == 0; pass++)
+			for (size_t i = 0; i < cache.n && rc == 0; i++) {
+				mtlz_spectrum s = cache.v[i];
+
+				if (pass)
+					snprintf(s.spec_id, sizeof(s.spec_id), "%.40s#%ld",
+						 cache.v[i].spec_id, pass);
+				rc = send_one(&r, &s);
+			}
+		mtlz_spectra_free(&cache);
+	} else {
 		for (int i = optind; i < argc && rc == 0; i++)
 			rc = send_file(&r, argv[i]);
-		if (r.n_sent == before)
-			break; /* nothing sendable: do not spin */
-		rc = 0;
-	} while (loop && !stop && (r.count < 0 || r.n_sent < r.count));
+	}
 	while (!stop && rd_kafka_outq_len(r.rk) > 0 &&
 	       rd_kafka_flush(r.rk, 1000) == RD_KAFKA_RESP_ERR__TIMED_OUT)
 		progress(&r, 0);
