@@ -27,7 +27,13 @@ B=build
 export MTLZ_SCHEMA_DIR="$PWD/schemas"
 work=$(mktemp -d)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; wait "$p" 2>/dev/null; done; rm -rf "$work"; }
+# stop in reverse order: daemons before their brokers
+cleanup() {
+	for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+		kill -TERM "${pids[i]}" 2>/dev/null; wait "${pids[i]}" 2>/dev/null
+	done
+	rm -rf "$work"
+}
 trap cleanup EXIT
 model=$work/model.safetensors
 $B/tools/mtlz init -o "$model" --seed 1 2>/dev/null

@@ -610,6 +610,10 @@ int mtlzd_start(struct mtlzd *d, const mtlz_conf *c, volatile sig_atomic_t *stop
 				"delivery.guarantee %s is not implemented yet in this "
 				"build (docs/daemon.md); use at_least_once",
 				c->delivery_guarantee);
+	if (c->preprocess_threads > 1)
+		mtlz_log(MTLZ_LOG_WARN, "event=config_unused key=preprocess.threads value=%d "
+			 "detail=\"decoding and preprocessing run in the consume thread\"",
+			 c->preprocess_threads);
 	d->tracker = mtlz_offsets_new();
 	d->prep_ws = mtlz_prep_ws_new();
 	if (!d->tracker || !d->prep_ws)
