@@ -49,7 +49,7 @@ start_broker() {
 start_daemon() {
 	$B/daemon/mtlzd --config etc/mtlzd.yaml --set kafka.brokers="$1" --set model.path="$model" \
 		--set engine.threads="$T" --set engine.mc_samples="$MC" --set batch.max_size=64 \
-		--set batch.max_delay_ms=50 --set log.level=warn \
+		--set batch.max_delay_ms=50 --set log.level=info --set status.interval_ms=100000 \
 		--set kafka.consumer.fetch.wait.max.ms=10 ${EXTRA:-} 2> "$work/mtlzd$2.log" &
 	pids+=($!)
 }
@@ -68,6 +68,9 @@ tp=$($B/tools/mtlz consume --brokers "$b1" --count "$N" --timeout 30 --stats 2>"
 echo "e2e backlog of $N: $tp"
 e2e_rate=$(echo "$tp" | sed 's/.*rate=\([0-9.]*\) results.*/\1/')
 awk -v a="$e2e_rate" -v b="$engine_rate" 'BEGIN { printf "e2e/engine throughput ratio: %.2f (%.1f / %.1f spectra/s)\n", a / b, a, b }'
+echo "daemon peak RSS: $(sed -n 's/^VmHWM: *//p' /proc/"${pids[-1]}"/status)"
+kill -TERM "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true; unset 'pids[-1]'
+echo "daemon time split: $(grep 'event=status' "$work/mtlzd1.log" | tail -1 | grep -o 'consume_busy_ms.*')"
 
 start_broker 2
 b2=$bootstrap

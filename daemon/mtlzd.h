@@ -51,6 +51,10 @@ struct mtlzd_counters {
 	atomic_uint_fast64_t batches;
 	atomic_uint_fast64_t dlq_by_reason[MTLZD_N_REASONS];
 	atomic_uint_fast64_t offsets_stored;
+	/* where the time goes (microseconds, summed) */
+	atomic_uint_fast64_t consume_busy_us;  /* decode + preprocess (not waiting) */
+	atomic_uint_fast64_t engine_busy_us;   /* mtlz_engine_run */
+	atomic_uint_fast64_t publish_busy_us;  /* encode + produce */
 };
 
 struct mtlzd_item {

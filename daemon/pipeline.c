@@ -249,7 +249,8 @@ static void handle_message(struct mtlzd *d, rd_kafka_message_t *m)
 	mtlz_spectrum sp;
 	mtlz_prep_info info;
 	char err[512];
-	int e;
+	int64_t t0;
+	int e, rc;
 
 	atomic_fetch_add(&d->cnt.consumed, 1);
 	if (mtlz_offsets_add(d->tracker, m->partition, m->offset) < 0)
@@ -262,7 +263,9 @@ static void handle_message(struct mtlzd *d, rd_kafka_message_t *m)
 		return;
 	}
 	mtlz_spectrum_init(&sp);
+	t0 = now_us();
 	e = mtlz_avro_decode_spectrum(d->avro_in, m->payload, m->len, &sp, err, sizeof(err));
+	atomic_fetch_add(&d->cnt.consume_busy_us, (uint64_t)(now_us() - t0));
 	if (e != MTLZ_DECODE_OK) {
 		mtlz_spectrum_clear(&sp);
 		dead_letter(d, m, decode_reason(e), err);
@@ -275,8 +278,11 @@ static void handle_message(struct mtlzd *d, rd_kafka_message_t *m)
 		return; /* fatal: not processed, so not committed */
 	}
 	s = &d->slots[d->open_slot];
-	if (mtlz_preprocess(&sp, &d->prep, d->prep_ws, s->x + (size_t)s->n * d->L, &info,
-			    err, sizeof(err)) != MTLZ_OK) {
+	t0 = now_us();
+	rc = mtlz_preprocess(&sp, &d->prep, d->prep_ws, s->x + (size_t)s->n * d->L, &info,
+			     err, sizeof(err));
+	atomic_fetch_add(&d->cnt.consume_busy_us, (uint64_t)(now_us() - t0));
+	if (rc != MTLZ_OK) {
 		mtlz_spectrum_clear(&sp);
 		dead_letter(d, m, info.reject ? prep_reason(info.reject) : MTLZD_R_INVALID, err);
 		return;
@@ -352,6 +358,7 @@ static void *infer_main(void *arg)
 
 	for (;;) {
 		struct mtlzd_slot *s;
+		int64_t t0, t1;
 		int idx;
 
 		pthread_mutex_lock(&d->lock);
@@ -373,13 +380,17 @@ static void *infer_main(void *arg)
 		pthread_mutex_unlock(&d->lock);
 
 		s = &d->slots[idx];
+		t0 = now_us();
 		if (mtlz_engine_run(d->engine, s->x, s->n, d->conf->engine_mc_samples, s->out,
 				    err, sizeof(err)) != MTLZ_OK) {
 			mtlz_log(MTLZ_LOG_ERROR, "event=engine_failed error=\"%s\"", err);
 			set_fatal(d);
 		} else {
+			t1 = now_us();
 			publish_results(d, s);
 			atomic_fetch_add(&d->cnt.batches, 1);
+			atomic_fetch_add(&d->cnt.engine_busy_us, (uint64_t)(t1 - t0));
+			atomic_fetch_add(&d->cnt.publish_busy_us, (uint64_t)(now_us() - t1));
 		}
 		atomic_store(&d->infer_alive_us, now_us());
 		pthread_mutex_lock(&d->lock);
@@ -692,9 +703,13 @@ static void report_status(struct mtlzd *d, double dt, uint64_t *last_results)
 		dlq += atomic_load(&d->cnt.dlq_by_reason[r]);
 	*last_results = res;
 	mtlz_log(MTLZ_LOG_INFO, "event=status rate=%.1f consumed=%" PRIu64 " results=%" PRIu64
-		 " dead_letter=%" PRIu64 " batches=%" PRIu64 " lag=%" PRId64,
+		 " dead_letter=%" PRIu64 " batches=%" PRIu64 " lag=%" PRId64
+		 " consume_busy_ms=%" PRIu64 " engine_busy_ms=%" PRIu64 " publish_busy_ms=%" PRIu64,
 		 rate, (uint64_t)atomic_load(&d->cnt.consumed), res, dlq,
-		 (uint64_t)atomic_load(&d->cnt.batches), lag);
+		 (uint64_t)atomic_load(&d->cnt.batches), lag,
+		 (uint64_t)atomic_load(&d->cnt.consume_busy_us) / 1000,
+		 (uint64_t)atomic_load(&d->cnt.engine_busy_us) / 1000,
+		 (uint64_t)atomic_load(&d->cnt.publish_busy_us) / 1000);
 	sd_notifyf(0, "STATUS=%.1f spectra/s, lag %" PRId64 ", %" PRIu64 " results, %" PRIu64
 		   " dead-lettered", rate, lag, res, dlq);
 }
