@@ -285,12 +285,7 @@ static int cpu_set_model(void *ctx, const mtlz_model *m, char *errstr,
 				goto out_nomem;
 			mtlz_pack_conv(w->data, bias->data, L->cout, L->cin, L->k,
 				       L->cin_pad, L->wp, L->bp);
-			/* row-major [K][cout_pad] from the panels */
-			for (size_t kk = 0; kk < K; kk++)
-				for (int o = 0; o < L->cout_pad; o++)
-					L->wrow[kk * (size_t)L->cout_pad + (size_t)o] =
-						L->wp[(size_t)(o / MTLZ_NR) * K * MTLZ_NR +
-						      kk * MTLZ_NR + (size_t)(o % MTLZ_NR)];
+			mtlz_pack_conv_rows(L->wp, (int)K, L->cout_pad, L->wrow);
 			len = L->len_out;
 			cin = L->cout;
 			cin_pad = L->cout_pad;

@@ -51,6 +51,15 @@ void mtlz_pack_conv(const float *w, const float *b, int cout, int cin, int k,
 	}
 }
 
+void mtlz_pack_conv_rows(const float *wp, int K, int cout_pad, float *wrow)
+{
+	for (size_t kk = 0; kk < (size_t)K; kk++)
+		for (int o = 0; o < cout_pad; o++)
+			wrow[kk * (size_t)cout_pad + (size_t)o] =
+				wp[(size_t)(o / MTLZ_NR) * (size_t)K * MTLZ_NR +
+				   kk * MTLZ_NR + (size_t)(o % MTLZ_NR)];
+}
+
 /* ---- portable path ---------------------------------------------------- */
 
 static void conv_generic(const float *x, int cin, int K, int l0, int l1,

@@ -46,6 +46,10 @@ static inline int mtlz_round_up(int x, int m)
 void mtlz_pack_conv(const float *w, const float *b, int cout, int cin, int k,
 		    int cin_pad, float *wp, float *bp);
 
+/* The same weights as one row-major [K][cout_pad] matrix (K = k*cin_pad),
+ * the B operand of the BLAS path. */
+void mtlz_pack_conv_rows(const float *wp, int K, int cout_pad, float *wrow);
+
 /* y[l][0..cout_pad) = act(b + sum_kk x[l*cin + kk] * wp[kk][.]) for l in
  * [l0, l1), kk in [0, k*cin). x holds the already padded input (row r of x
  * is input position r - pad); y has row stride ldy. relu: apply max(0, .). */

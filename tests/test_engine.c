@@ -61,9 +61,7 @@ static void check_conv(int isa, int use_blas, int cin, int cout, int len, int k,
 		for (int l = 0; l < len; l++)
 			xn[(size_t)(l + pad) * cin_pad + i] = x[(size_t)i * len + l];
 	mtlz_pack_conv(w, b, cout, cin, k, cin_pad, wp, bp);
-	for (size_t kk = 0; kk < K; kk++)
-		for (int o = 0; o < cp; o++)
-			wrow[kk * cp + o] = wp[(size_t)(o / MTLZ_NR) * K * MTLZ_NR + kk * MTLZ_NR + o % MTLZ_NR];
+	mtlz_pack_conv_rows(wp, (int)K, cp, wrow);
 	/* two row ranges, as the team split does */
 	if (use_blas) {
 		mtlz_conv_nlc_blas(xn, cin_pad, k, 0, lo / 2, wrow, bp, cp, y, cp, 1, col);

@@ -10,6 +10,7 @@
 #define _GNU_SOURCE
 #include "common.h"
 #include "safetensors.h"
+#include "util.h"
 
 #include <criterion/criterion.h>
 #include <dirent.h>
@@ -24,26 +25,12 @@ static char tmpdir[64];
 
 static void setup(void)
 {
-	snprintf(tmpdir, sizeof(tmpdir), "/tmp/mtlz_st_XXXXXX");
-	cr_assert_not_null(mkdtemp(tmpdir));
+	tu_mkdtemp(tmpdir, sizeof(tmpdir), "st");
 }
 
 static void teardown(void)
 {
-	DIR *d = opendir(tmpdir);
-	struct dirent *e;
-	char p[512];
-
-	if (!d)
-		return;
-	while ((e = readdir(d))) {
-		if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
-			continue;
-		snprintf(p, sizeof(p), "%s/%s", tmpdir, e->d_name);
-		unlink(p);
-	}
-	closedir(d);
-	rmdir(tmpdir);
+	tu_rmtree(tmpdir);
 }
 
 TestSuite(safetensors, .init = setup, .fini = teardown);

@@ -202,9 +202,7 @@ static void bench_layers(const mtlz_model *m)
 			for (int i = 0; i < cout; i++)
 				bias[i] = 0.1f;
 			mtlz_pack_conv(w, bias, cout, cin, a->kernel, cin_pad, wp, bp);
-			for (size_t kk = 0; kk < K; kk++)
-				for (int o = 0; o < cp; o++)
-					wrow[kk * cp + o] = wp[(size_t)(o / MTLZ_NR) * K * MTLZ_NR + kk * MTLZ_NR + o % MTLZ_NR];
+			mtlz_pack_conv_rows(wp, (int)K, cp, wrow);
 			reps = (int)MTLZ_MAX(10.0, 3000.0 / mflop);
 			t_own = TIME_MS(reps, mtlz_conv_nlc(isa, x, cin_pad, a->kernel, 0, lo, wp, bp, cp, y, cp, 1));
 			t_blas = TIME_MS(reps, mtlz_conv_nlc_blas(x, cin_pad, a->kernel, 0, lo, wrow, bp, cp, y, cp, 1, col));
