@@ -11,7 +11,9 @@
  *   - kill -9 mid-stream, restart: nothing lost;
  *   - systemd notifications on a socket the test owns;
  *   - two daemons in one group share the partitions, every result produced;
- *   - a broker outage (down, up) is survived.
+ *   - a broker outage (down, up) and injected request errors are survived;
+ *   - a daemon joining mid-stream (rebalance with batches in flight) loses
+ *     nothing.
  */
 #define _GNU_SOURCE
 #include "avro_io.h"
@@ -515,4 +517,54 @@ Test(daemon, broker_outage_is_survived)
 	cr_assert_eq(distinct, 32, "%d rows, %d distinct (%s)", n, distinct, dir);
 	kill(d, SIGTERM);
 	cr_assert_eq(wait_exit(d, 60), 0);
+}
+
+Test(daemon, injected_request_errors_are_retried)
+{
+	pid_t d = start_daemon("mtlzd", NULL, NULL);
+	int distinct, n;
+
+	replay(16, "single_object");
+	kill(broker_pid, SIGHUP);  /* the next Produce/Fetch/OffsetCommit fail */
+	replay(16, "single_object");
+	n = read_results(1000, 10, &distinct);
+	cr_assert_eq(distinct, 32, "%d rows, %d distinct (%s)", n, distinct, dir);
+	kill(d, SIGTERM);
+	cr_assert_eq(wait_exit(d, 60), 0);
+}
+
+Test(daemon, daemon_joining_mid_stream_loses_nothing)
+{
+	char cmd[1024], path[320], line[512];
+	pid_t a = start_daemon("mtlzd-a", NULL, NULL), b, r;
+	int distinct, n, revoked = 0;
+	FILE *f;
+
+	sleep(4);
+	/* 300 spectra at 100/s in the background; B joins after ~1 s */
+	snprintf(cmd, sizeof(cmd), "MTLZ_SCHEMA_DIR=%s/schemas exec " BIN "/mtlz-replay --brokers %s "
+		 "--topic spectra --rate 100 --count 300 --loop " DATA "/spec-0266-51602-0001.fits "
+		 DATA "/coadd-4-80613.fits >>%s/replay.log 2>&1", MTLZ_SOURCE_DIR, brokers, dir);
+	r = fork();
+	if (r == 0) {
+		execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
+		_exit(127);
+	}
+	sleep(1);
+	b = start_daemon("mtlzd-b", NULL, NULL);
+	cr_assert_eq(wait_exit(r, 60), 0, "replay failed (%s)", dir);
+	n = read_results(1000, 10, &distinct);
+	cr_assert_eq(distinct, 300, "%d rows, %d distinct (%s)", n, distinct, dir);
+	kill(a, SIGTERM);
+	kill(b, SIGTERM);
+	cr_assert_eq(wait_exit(a, 60), 0);
+	cr_assert_eq(wait_exit(b, 60), 0);
+	/* the rebalance really happened while A was working */
+	snprintf(path, sizeof(path), "%s/mtlzd-a.log", dir);
+	f = fopen(path, "r");
+	while (f && fgets(line, sizeof(line), f) && !strstr(line, "event=stopping"))
+		revoked += strstr(line, "event=revoked") && !strstr(line, "partitions=0");
+	if (f)
+		fclose(f);
+	cr_assert_geq(revoked, 1, "A gave partitions up to B before it was stopped");
 }

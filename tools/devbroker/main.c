@@ -10,7 +10,8 @@
  * (docs/daemon.md): no transaction markers, TxnOffsetCommit not stored.
  *
  * Fault injection for tests: SIGUSR1 takes broker 1 down, SIGUSR2 brings it
- * back up.
+ * back up, SIGHUP makes the next Produce, Fetch and OffsetCommit requests
+ * fail with retriable errors (rd_kafka_mock_push_request_errors).
  */
 #define _DEFAULT_SOURCE
 #include <librdkafka/rdkafka.h>
@@ -24,11 +25,13 @@
 #include <unistd.h>
 
 static volatile sig_atomic_t stop;
-static volatile sig_atomic_t want_down, want_up;
+static volatile sig_atomic_t want_down, want_up, want_errors;
 
 static void on_signal(int sig)
 {
-	if (sig == SIGUSR1)
+	if (sig == SIGHUP)
+		want_errors = 1;
+	else if (sig == SIGUSR1)
 		want_down = 1;
 	else if (sig == SIGUSR2)
 		want_up = 1;
@@ -42,7 +45,8 @@ static const char usage[] =
 	"Starts librdkafka's mock Kafka cluster on loopback, creates the topics\n"
 	"(default spectra,results,spectra.dlq with 4 partitions), prints\n"
 	"bootstrap=HOST:PORT first on stdout and runs until SIGTERM or SIGINT.\n"
-	"SIGUSR1 takes broker 1 down, SIGUSR2 brings it back (fault injection).\n";
+	"SIGUSR1 takes broker 1 down, SIGUSR2 brings it back; SIGHUP makes the\n"
+	"next Produce, Fetch and OffsetCommit requests fail with retriable errors.\n";
 
 int main(int argc, char **argv)
 {
@@ -128,11 +132,27 @@ int main(int argc, char **argv)
 	sigaction(SIGINT, &sa, NULL);
 	sigaction(SIGUSR1, &sa, NULL);
 	sigaction(SIGUSR2, &sa, NULL);
+	sigaction(SIGHUP, &sa, NULL);
 	while (!stop) {
 		if (want_down) {
 			want_down = 0;
 			rd_kafka_mock_broker_set_down(mc, 1);
 			fprintf(stderr, "mtlz-devbroker: broker 1 down\n");
+		}
+		if (want_errors) {
+			/* Kafka API keys: Produce 0, Fetch 1, OffsetCommit 8 */
+			want_errors = 0;
+			rd_kafka_mock_push_request_errors(mc, 0, 3,
+				RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+				RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+				RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS);
+			rd_kafka_mock_push_request_errors(mc, 1, 2,
+				RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+				RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT);
+			rd_kafka_mock_push_request_errors(mc, 8, 2,
+				RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+				RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS);
+			fprintf(stderr, "mtlz-devbroker: request errors injected\n");
 		}
 		if (want_up) {
 			want_up = 0;
