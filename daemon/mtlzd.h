@@ -32,6 +32,7 @@
 #include <stdint.h>
 
 #define MTLZD_SLOTS 3
+#define MTLZD_STAR_FORMING 1  /* class index (checked against the model at start) */
 
 /* Dead-letter reason classes: decode errors, then preprocessing rejects. */
 enum mtlzd_reason {

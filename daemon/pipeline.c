@@ -317,7 +317,7 @@ static void publish_results(struct mtlzd *d, struct mtlzd_slot *s)
 		snprintf(r.spec_id, sizeof(r.spec_id), "%s", s->items[i].spec_id);
 		r.cls = o->cls;
 		memcpy(r.prob, o->prob, sizeof(r.prob));
-		r.has_metal = o->cls == 1;  /* star-forming: the conditional regression */
+		r.has_metal = o->cls == MTLZD_STAR_FORMING; /* the conditional regression */
 		r.oh = o->metal;
 		r.oh_sigma = isfinite(o->metal_sigma) ? o->metal_sigma : 0.0;
 		r.flags = s->items[i].flags;
@@ -571,6 +571,17 @@ static int load_model(struct mtlzd *d, char *errstr, size_t errstr_size)
 	rc = mtlz_sha256_file(c->model_path, d->model_sha256, errstr, errstr_size);
 	if (rc)
 		return rc;
+	/* result.avsc's class enum is the paper's four classes, in this order */
+	for (int k = 0; k < 4; k++) {
+		static const char *const want[] = { "passive", "star_forming", "composite", "agn" };
+
+		if (mtlz_model_arch(d->model)->n_classes != 4 ||
+		    strcmp(mtlz_model_class_name(d->model, k), want[k]) != 0)
+			return mtlz_err(errstr, errstr_size, MTLZ_ERR_FORMAT,
+					"%s: classes must be passive,star_forming,composite,agn "
+					"(result.avsc); this model has %d classes",
+					c->model_path, mtlz_model_arch(d->model)->n_classes);
+	}
 	v = c->model_version[0] ? c->model_version : mtlz_model_meta(d->model, "mtlz.version");
 	snprintf(d->model_version, sizeof(d->model_version), "%s", v ? v : "unversioned");
 	mtlz_engine_opts_default(&eo);
