@@ -47,6 +47,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
+#include <zlib.h>
 
 #define MTLZ_AVRO_MAX_PIXELS 1000000u
 #define MTLZ_AVRO_MAX_CACHE 64
@@ -2207,4 +2209,427 @@ void mtlz_avro_set_max_message_bytes(mtlz_avro *a, size_t max_bytes)
 void mtlz_avro_set_fast_path(mtlz_avro *a, int on)
 {
 	a->fast_path = on;
+}
+
+/* ------------------------------------------------------------------ */
+/* Object-container files (archives of many spectra)                   */
+
+#define MTLZ_AVRO_MAX_BLOCK (256u << 20)   /* bytes of one block, compressed or not */
+
+struct cfile {
+	FILE *f;
+	const char *path;
+	uint64_t left;              /* bytes of the file not read yet */
+};
+
+static int cf_read(struct cfile *cf, void *p, size_t n)
+{
+	if (n > cf->left || fread(p, 1, n, cf->f) != n)
+		return -1;
+	cf->left -= n;
+	return 0;
+}
+
+/* Zig-zag varint; -1 at end of file or when malformed. */
+static int cf_long(struct cfile *cf, int64_t *out)
+{
+	uint64_t v = 0;
+
+	for (int shift = 0; shift < 64; shift += 7) {
+		uint8_t b;
+
+		if (cf_read(cf, &b, 1))
+			return -1;
+		v |= (uint64_t)(b & 0x7f) << shift;
+		if (!(b & 0x80)) {
+			*out = (int64_t)(v >> 1) ^ -(int64_t)(v & 1);
+			return 0;
+		}
+	}
+	return -1;
+}
+
+static int cf_bytes(struct cfile *cf, char **out, size_t *len)
+{
+	int64_t n;
+
+	*out = NULL;
+	if (cf_long(cf, &n) || n < 0 || (uint64_t)n > cf->left ||
+	    (uint64_t)n > MTLZ_AVRO_MAX_SCHEMA_BYTES)
+		return -1;
+	*out = malloc((size_t)n + 1);
+	if (!*out || cf_read(cf, *out, (size_t)n)) {
+		free(*out);
+		*out = NULL;
+		return -1;
+	}
+	(*out)[n] = '\0';
+	*len = (size_t)n;
+	return 0;
+}
+
+static int grow(uint8_t **buf, size_t *cap, size_t need)
+{
+	uint8_t *p;
+
+	if (need <= *cap)
+		return 0;
+	p = realloc(*buf, need);
+	if (!p)
+		return -1;
+	*buf = p;
+	*cap = need;
+	return 0;
+}
+
+/* Raw deflate (RFC 1951, as the Avro "deflate" codec) of in into *out. */
+static int inflate_block(const uint8_t *in, size_t in_len, uint8_t **out, size_t *cap,
+			 size_t *out_len)
+{
+	z_stream z;
+	int zr;
+
+	memset(&z, 0, sizeof(z));
+	if (inflateInit2(&z, -15) != Z_OK)
+		return -1;
+	if (grow(out, cap, MTLZ_MAX(4 * in_len, (size_t)4096))) {
+		inflateEnd(&z);
+		return -1;
+	}
+	z.next_in = (Bytef *)in;
+	z.avail_in = (uInt)in_len;
+	*out_len = 0;
+	for (;;) {
+		if (*out_len == *cap &&
+		    (*cap >= MTLZ_AVRO_MAX_BLOCK || grow(out, cap, MTLZ_MIN(2 * *cap,
+									  (size_t)MTLZ_AVRO_MAX_BLOCK)))) {
+			inflateEnd(&z);
+			return -1;
+		}
+		z.next_out = *out + *out_len;
+		z.avail_out = (uInt)(*cap - *out_len);
+		zr = inflate(&z, Z_NO_FLUSH);
+		*out_len = *cap - z.avail_out;
+		if (zr == Z_STREAM_END)
+			break;
+		if (zr != Z_OK && zr != Z_BUF_ERROR) {
+			inflateEnd(&z);
+			return -1;
+		}
+		if (zr == Z_BUF_ERROR && z.avail_in == 0) {   /* input ended early */
+			inflateEnd(&z);
+			return -1;
+		}
+	}
+	inflateEnd(&z);
+	return z.avail_in == 0 ? 0 : -1;
+}
+
+int mtlz_avro_read_container(mtlz_avro *a, const char *path,
+			     int (*fn)(void *opaque, const mtlz_spectrum *s), void *opaque,
+			     char *errstr, size_t errstr_size)
+{
+	struct cfile cf = { NULL, path, 0 };
+	struct stat st;
+	char magic[4], *schema = NULL, *codec = NULL, *key = NULL, *val = NULL;
+	size_t schema_len = 0, codec_len = 0, kl, vl, cap = 0, zcap = 0, index = 0;
+	uint8_t sync[16], bsync[16], *block = NULL, *plain = NULL;
+	int use_deflate = 0, rc = MTLZ_OK, cls = 0;
+	struct wschema *e;
+	mtlz_spectrum s;
+	int64_t count;
+
+	mtlz_spectrum_init(&s);
+	cf.f = fopen(path, "rb");
+	if (!cf.f)
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_IO, "%s: %s", path, strerror(errno));
+	if (fstat(fileno(cf.f), &st) || !S_ISREG(st.st_mode)) {
+		fclose(cf.f);
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_IO, "%s: not a regular file", path);
+	}
+	cf.left = (uint64_t)st.st_size;
+	if (cf_read(&cf, magic, 4) || memcmp(magic, "Obj\x01", 4) != 0) {
+		rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_FORMAT,
+			      "%s: not an Avro object-container file (no Obj\\x01 magic)", path);
+		goto out;
+	}
+	for (;;) {   /* header metadata map */
+		int64_t size;
+
+		if (cf_long(&cf, &count))
+			goto out_hdr;
+		if (count == 0)
+			break;
+		if (count < 0) {
+			if (count == INT64_MIN || cf_long(&cf, &size))
+				goto out_hdr;
+			count = -count;
+		}
+		if ((uint64_t)count > cf.left)
+			goto out_hdr;
+		for (int64_t k = 0; k < count; k++) {
+			if (cf_bytes(&cf, &key, &kl) || cf_bytes(&cf, &val, &vl))
+				goto out_hdr;
+			if (kl == 11 && memcmp(key, "avro.schema", 11) == 0 && !schema) {
+				schema = val;
+				schema_len = vl;
+				val = NULL;
+			} else if (kl == 10 && memcmp(key, "avro.codec", 10) == 0 && !codec) {
+				codec = val;
+				codec_len = vl;
+				val = NULL;
+			}
+			free(key);
+			free(val);
+			key = val = NULL;
+		}
+	}
+	if (cf_read(&cf, sync, 16))
+		goto out_hdr;
+	if (!schema) {
+		rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_FORMAT,
+			      "%s: container header has no avro.schema", path);
+		goto out;
+	}
+	if (codec && codec_len == 7 && memcmp(codec, "deflate", 7) == 0) {
+		use_deflate = 1;
+	} else if (codec && !(codec_len == 4 && memcmp(codec, "null", 4) == 0)) {
+		rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_FORMAT,
+			      "%s: container codec \"%.32s\" not supported (null, deflate)", path,
+			      codec);
+		goto out;
+	}
+	e = writer_lookup(a, TARGET_SPECTRUM, KEY_TEXT, mtlz_avro_crc64(schema, schema_len),
+			  schema, schema_len, &cls, errstr, errstr_size);
+	if (!e) {
+		char msg[400];
+
+		snprintf(msg, sizeof(msg), "%s", errstr ? errstr : "");
+		rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_FORMAT, "%s: %s", path, msg);
+		goto out;
+	}
+	while (cf.left > 0) {   /* data blocks */
+		int64_t size;
+		const uint8_t *data;
+		size_t data_len;
+		struct cur c;
+
+		if (cf_long(&cf, &count) || count < 0 || cf_long(&cf, &size) || size < 0 ||
+		    (uint64_t)size > cf.left || (uint64_t)size > MTLZ_AVRO_MAX_BLOCK)
+			goto out_block;
+		if (grow(&block, &cap, (size_t)size ? (size_t)size : 1) ||
+		    cf_read(&cf, block, (size_t)size) || cf_read(&cf, bsync, 16))
+			goto out_block;
+		if (memcmp(bsync, sync, 16) != 0) {
+			rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_FORMAT,
+				      "%s: block sync marker mismatch before record %zu", path,
+				      index);
+			goto out;
+		}
+		data = block;
+		data_len = (size_t)size;
+		if (use_deflate && count > 0) {
+			if (inflate_block(block, (size_t)size, &plain, &zcap, &data_len)) {
+				rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_FORMAT,
+					      "%s: block with record %zu does not inflate", path,
+					      index);
+				goto out;
+			}
+			data = plain;
+		}
+		c.p = data;
+		c.end = data + data_len;
+		if ((uint64_t)count > data_len)
+			goto out_block;
+		for (int64_t k = 0; k < count; k++, index++) {
+			struct walk w = { .items_left = cur_left(&c) + MTLZ_AVRO_WALK_ITEMS };
+			struct lens l = { 0, 0, 0, 0 };
+			struct cur datum = c;
+
+			if (walk_datum(e->writer, &c, &w, 0)) {
+				rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_FORMAT, "%s[%zu]: %s",
+					      path, index, w.err);
+				goto out;
+			}
+			datum.end = c.p;
+			mtlz_spectrum_clear(&s);
+			if (e->direct && a->fast_path) {
+				cls = direct_spectrum(&datum, &s, &l, errstr, errstr_size);
+			} else {
+				cls = generic_read(a, e, &datum, errstr, errstr_size);
+				if (!cls)
+					cls = generic_spectrum(&e->reader_value, &s, &l, errstr,
+							       errstr_size);
+			}
+			if (!cls)
+				cls = spectrum_check(&s, &l, errstr, errstr_size);
+			if (cls) {
+				char msg[400];
+
+				snprintf(msg, sizeof(msg), "%s", errstr ? errstr : "");
+				rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_FORMAT,
+					      "%s[%zu]: %s record: %s", path, index,
+					      mtlz_decode_error_name(cls), msg);
+				goto out;
+			}
+			s.n = l.flux;
+			snprintf(s.source, sizeof(s.source), "%.200s[%zu]", path, index);
+			rc = fn(opaque, &s);
+			if (rc)
+				goto out;
+		}
+		if (c.p != c.end) {
+			rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_FORMAT,
+				      "%s: %zu bytes after record %zu in its block", path,
+				      cur_left(&c), index ? index - 1 : 0);
+			goto out;
+		}
+	}
+	goto out;
+
+out_hdr:
+	rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_FORMAT,
+		      "%s: container header truncated or malformed", path);
+	goto out;
+out_block:
+	rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_FORMAT,
+		      "%s: container file truncated or malformed at record %zu (byte %" PRIu64
+		      " of %" PRIu64 ")", path, index, (uint64_t)st.st_size - cf.left,
+		      (uint64_t)st.st_size);
+out:
+	mtlz_spectrum_clear(&s);
+	free(key);
+	free(val);
+	free(schema);
+	free(codec);
+	free(block);
+	free(plain);
+	fclose(cf.f);
+	return rc;
+}
+
+static int deflate_block(const uint8_t *in, size_t in_len, uint8_t **out, size_t *cap,
+			 size_t *out_len)
+{
+	z_stream z;
+	size_t bound;
+
+	memset(&z, 0, sizeof(z));
+	if (deflateInit2(&z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -15, 8, Z_DEFAULT_STRATEGY) !=
+	    Z_OK)
+		return -1;
+	bound = deflateBound(&z, (uLong)in_len);
+	if (grow(out, cap, bound)) {
+		deflateEnd(&z);
+		return -1;
+	}
+	z.next_in = (Bytef *)in;
+	z.avail_in = (uInt)in_len;
+	z.next_out = *out;
+	z.avail_out = (uInt)bound;
+	if (deflate(&z, Z_FINISH) != Z_STREAM_END) {
+		deflateEnd(&z);
+		return -1;
+	}
+	*out_len = bound - z.avail_out;
+	deflateEnd(&z);
+	return 0;
+}
+
+static int put_block(FILE *f, const struct ours *o, size_t count, const uint8_t *p, size_t n)
+{
+	uint8_t h[20];
+	size_t hl = put_long(h, (int64_t)count);
+
+	hl += put_long(h + hl, (int64_t)n);
+	return fwrite(h, 1, hl, f) != hl || fwrite(p, 1, n, f) != n ||
+	       fwrite(o->sync, 1, 16, f) != 16;
+}
+
+int mtlz_avro_write_container(mtlz_avro *a, const char *path, const mtlz_spectrum *s,
+			      size_t n, const char *codec, char *errstr, size_t errstr_size)
+{
+	const struct ours *o = &a->ours[TARGET_SPECTRUM];
+	const size_t block_target = 4u << 20;
+	uint8_t *hdr, *blk = NULL, *z = NULL, *buf;
+	size_t hl = 0, blen = 0, bcap = 0, zcap = 0, zlen, len, in_block = 0;
+	int use_deflate, rc = MTLZ_OK;
+	FILE *f;
+
+	if (!codec)
+		codec = "null";
+	use_deflate = strcmp(codec, "deflate") == 0;
+	if (!use_deflate && strcmp(codec, "null") != 0)
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID,
+				"%s: codec \"%s\" not supported (null, deflate)", path, codec);
+	hdr = malloc(4 + 10 + 2 * 32 + 10 + o->text_len + 16 + 10 + 16);
+	if (!hdr)
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory");
+	memcpy(hdr, "Obj\x01", 4);
+	hl = 4;
+	hl += put_long(hdr + hl, 2);
+	hl += put_bytes(hdr + hl, "avro.schema", 11);
+	hl += put_bytes(hdr + hl, o->text, o->text_len);
+	hl += put_bytes(hdr + hl, "avro.codec", 10);
+	hl += put_bytes(hdr + hl, codec, strlen(codec));
+	hl += put_long(hdr + hl, 0);
+	memcpy(hdr + hl, o->sync, 16);
+	hl += 16;
+	f = fopen(path, "wb");
+	if (!f) {
+		free(hdr);
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_IO, "%s: %s", path, strerror(errno));
+	}
+	if (fwrite(hdr, 1, hl, f) != hl)
+		goto out_io;
+	for (size_t i = 0; i <= n; i++) {
+		if (in_block && (i == n || blen >= block_target)) {
+			const uint8_t *p = blk;
+
+			len = blen;
+			if (use_deflate) {
+				if (deflate_block(blk, blen, &z, &zcap, &zlen)) {
+					rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM,
+						      "%s: deflate failed", path);
+					goto out;
+				}
+				p = z;
+				len = zlen;
+			}
+			if (put_block(f, o, in_block, p, len))
+				goto out_io;
+			in_block = blen = 0;
+		}
+		if (i == n)
+			break;
+		rc = mtlz_avro_encode_spectrum(a, &s[i], MTLZ_FRAMING_SINGLE_OBJECT, 0, &buf, &len,
+					       errstr, errstr_size);
+		if (rc)
+			goto out;
+		if (grow(&blk, &bcap, blen + len)) {
+			free(buf);
+			rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory");
+			goto out;
+		}
+		memcpy(blk + blen, buf + 10, len - 10);   /* datum without the 10-byte header */
+		blen += len - 10;
+		in_block++;
+		free(buf);
+	}
+	if (fflush(f) || ferror(f))
+		goto out_io;
+	goto out;
+
+out_io:
+	rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_IO, "%s: write error: %s", path,
+		      strerror(errno));
+out:
+	if (fclose(f) && rc == MTLZ_OK)
+		rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_IO, "%s: %s", path, strerror(errno));
+	if (rc)
+		unlink(path);
+	free(hdr);
+	free(blk);
+	free(z);
+	return rc;
 }

@@ -120,4 +120,27 @@ int mtlz_avro_canonical_form(const char *json, size_t len, char **out,
 int mtlz_avro_fingerprint(const char *json, size_t len, uint64_t *fp,
 			  char *errstr, size_t errstr_size);
 
+/* ---- Archives: Avro object-container files of many spectra ---- */
+
+/* Streams every record of the object-container file at `path` (block by
+ * block; never the whole file in memory), written with spectrum.avsc or a
+ * compatible writer schema, codec "null" or "deflate". Each record is
+ * checked against the writer schema before Avro C reads it, resolved to our
+ * schema like a message (fast path included) and validated; fn gets each
+ * spectrum (source "<path>[<index>]"; *s and its arrays are valid only during
+ * the call: copy what you keep). An invalid or undecodable record is an
+ * error (not skipped): MTLZ_ERR_FORMAT naming "<path>[<index>]", after fn
+ * has seen the records before it. Stops when fn returns non-zero and returns
+ * that value. MTLZ_OK; MTLZ_ERR_IO (cannot open/read) or MTLZ_ERR_FORMAT
+ * (not a container, truncated, corrupt, unknown codec, incompatible
+ * schema), with errstr naming the file. */
+int mtlz_avro_read_container(mtlz_avro *a, const char *path,
+			     int (*fn)(void *opaque, const mtlz_spectrum *s), void *opaque,
+			     char *errstr, size_t errstr_size);
+/* Writes n spectra as one object-container file under spectrum.avsc, codec
+ * "null" (NULL too) or "deflate", in blocks of about 4 MB. MTLZ_OK, or
+ * MTLZ_ERR_INVALID / MTLZ_ERR_IO / MTLZ_ERR_NOMEM (the file is removed). */
+int mtlz_avro_write_container(mtlz_avro *a, const char *path, const mtlz_spectrum *s,
+			      size_t n, const char *codec, char *errstr, size_t errstr_size);
+
 #endif

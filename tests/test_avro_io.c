@@ -1224,3 +1224,216 @@ Test(avro_io, result_from_older_writer)
 	cr_assert_eq(mtlz_avro_decode_result(av, msg, n - 1, &d, err, sizeof(err)), MTLZ_DECODE_AVRO);
 	cr_assert_eq(mtlz_avro_decode_result(av, msg, n + 1, &d, err, sizeof(err)), MTLZ_DECODE_AVRO);
 }
+
+/* ---- Object-container files of many spectra (archives, mtlz-replay) ---- */
+
+struct collect {
+	mtlz_spectra got;
+	size_t calls, stop_after;
+};
+
+static int collect_one(void *opaque, const mtlz_spectrum *s)
+{
+	struct collect *c = opaque;
+	mtlz_spectrum *d = mtlz_spectra_push(&c->got);
+
+	cr_assert(d);
+	*d = *s;
+	d->flux = malloc(s->n * sizeof(float));
+	memcpy(d->flux, s->flux, s->n * sizeof(float));
+	d->ivar = s->ivar ? malloc(s->n * sizeof(float)) : NULL;
+	if (s->ivar)
+		memcpy(d->ivar, s->ivar, s->n * sizeof(float));
+	d->and_mask = s->and_mask ? malloc(s->n * sizeof(uint32_t)) : NULL;
+	if (s->and_mask)
+		memcpy(d->and_mask, s->and_mask, s->n * sizeof(uint32_t));
+	d->wave = s->wave ? malloc(s->n * sizeof(double)) : NULL;
+	if (s->wave)
+		memcpy(d->wave, s->wave, s->n * sizeof(double));
+	c->calls++;
+	return c->stop_after && c->calls == c->stop_after ? 7 : 0;
+}
+
+/* Every spectrum of the five FITS fixtures (SDSS, BOSS, DESI coadd). */
+static void read_fixtures(mtlz_spectra *all)
+{
+	static const char *files[] = { "spec-0266-51602-0001.fits", "spec-0266-51630-0174.fits",
+				       "spec-0266-51602-0573.fits", "spec-3586-55181-0003.fits",
+				       "coadd-4-80613.fits" };
+
+	memset(all, 0, sizeof(*all));
+	for (size_t f = 0; f < MTLZ_ARRAY_SIZE(files); f++) {
+		char path[512];
+
+		snprintf(path, sizeof(path), "%s/%s", MTLZ_TEST_DATA, files[f]);
+		cr_assert_eq(mtlz_fits_read(path, all, err, sizeof(err)), MTLZ_OK, "%s", err);
+	}
+	cr_assert_geq(all->n, 5);
+}
+
+Test(avro_io, container_file_of_fixtures_round_trips_with_null_and_deflate, .timeout = 60)
+{
+	static const char *codecs[] = { "null", "deflate" };
+	mtlz_spectra all;
+
+	read_fixtures(&all);
+	for (int fast = 0; fast < 2; fast++)
+		for (size_t k = 0; k < 2; k++) {
+			struct collect c = { { 0 }, 0, 0 };
+			char path[512], want[600];
+
+			mtlz_avro_set_fast_path(av, fast);
+			snprintf(path, sizeof(path), "%s/archive-%s.avro", regdir, codecs[k]);
+			cr_assert_eq(mtlz_avro_write_container(av, path, all.v, all.n, codecs[k], err,
+							       sizeof(err)), MTLZ_OK, "%s", err);
+			cr_assert_eq(mtlz_avro_read_container(av, path, collect_one, &c, err,
+							      sizeof(err)), MTLZ_OK, "%s", err);
+			cr_assert_eq(c.got.n, all.n, "%s: %zu records", codecs[k], c.got.n);
+			for (size_t i = 0; i < all.n; i++) {
+				assert_same_spectrum(&all.v[i], &c.got.v[i]);
+				snprintf(want, sizeof(want), "%s[%zu]", path, i);
+				cr_assert_str_eq(c.got.v[i].source, want);
+			}
+			mtlz_spectra_free(&c.got);
+		}
+	mtlz_avro_set_fast_path(av, 1);
+	mtlz_spectra_free(&all);
+}
+
+Test(avro_io, container_file_read_stops_when_callback_returns_nonzero, .timeout = 60)
+{
+	struct collect c = { { 0 }, 0, 2 };
+	mtlz_spectra all;
+	char path[512];
+
+	read_fixtures(&all);
+	snprintf(path, sizeof(path), "%s/stop.avro", regdir);
+	cr_assert_eq(mtlz_avro_write_container(av, path, all.v, all.n, "deflate", err,
+					       sizeof(err)), MTLZ_OK, "%s", err);
+	cr_assert_eq(mtlz_avro_read_container(av, path, collect_one, &c, err, sizeof(err)), 7);
+	cr_assert_eq(c.calls, 2);
+	assert_same_spectrum(&all.v[1], &c.got.v[1]);
+	mtlz_spectra_free(&c.got);
+	mtlz_spectra_free(&all);
+}
+
+static void expect_container_error(const char *path, const char *what)
+{
+	struct collect c = { { 0 }, 0, 0 };
+	int rc;
+
+	err[0] = '\0';
+	rc = mtlz_avro_read_container(av, path, collect_one, &c, err, sizeof(err));
+	cr_assert(rc == MTLZ_ERR_FORMAT || rc == MTLZ_ERR_IO, "%s: rc %d", what, rc);
+	cr_assert(strstr(err, path), "%s: errstr \"%s\" does not name the file", what, err);
+	mtlz_spectra_free(&c.got);
+}
+
+Test(avro_io, truncated_or_random_container_files_are_errors_naming_the_file, .timeout = 120)
+{
+	static const char *codecs[] = { "null", "deflate" };
+	mtlz_spectra all;
+	char path[512], cut[512];
+
+	read_fixtures(&all);
+	snprintf(cut, sizeof(cut), "%s/cut.avro", regdir);
+	for (size_t k = 0; k < 2; k++) {
+		uint8_t *buf;
+		size_t len;
+
+		snprintf(path, sizeof(path), "%s/whole-%s.avro", regdir, codecs[k]);
+		cr_assert_eq(mtlz_avro_write_container(av, path, all.v, all.n, codecs[k], err,
+						       sizeof(err)), MTLZ_OK, "%s", err);
+		buf = (uint8_t *)slurp(path, &len);
+		/* header, sync marker, first block header, inside blocks, last sync byte */
+		for (size_t n = 0; n < len; n += (n < 64 ? 1 : n < 4096 ? 97 : 7919)) {
+			FILE *f = fopen(cut, "wb");
+
+			cr_assert(f);
+			cr_assert_eq(fwrite(buf, 1, n, f), n);
+			fclose(f);
+			expect_container_error(cut, "truncated");
+		}
+		{
+			FILE *f = fopen(cut, "wb");
+
+			cr_assert_eq(fwrite(buf, 1, len - 1, f), len - 1);
+			fclose(f);
+			expect_container_error(cut, "last byte cut");
+		}
+		/* a flipped byte in the middle must not crash (error or, rarely, a
+		 * float value changed: both fine) */
+		for (size_t i = 0; i < 64; i++) {
+			FILE *f = fopen(cut, "wb");
+			struct collect c = { { 0 }, 0, 0 };
+			size_t at = 4 + rnd() % (len - 4);
+
+			buf[at] ^= (uint8_t)(1 + rnd() % 255);
+			cr_assert_eq(fwrite(buf, 1, len, f), len);
+			fclose(f);
+			if (mtlz_avro_read_container(av, cut, collect_one, &c, err, sizeof(err)))
+				cr_assert(strstr(err, cut), "errstr \"%s\"", err);
+			mtlz_spectra_free(&c.got);
+			free(buf);
+			buf = (uint8_t *)slurp(path, &len);
+		}
+		free(buf);
+	}
+	for (int r = 0; r < 20; r++) {
+		uint8_t junk[4096];
+		FILE *f = fopen(cut, "wb");
+		size_t n = 1 + rnd() % sizeof(junk);
+
+		for (size_t i = 0; i < n; i++)
+			junk[i] = (uint8_t)rnd();
+		if (r % 2) /* a real magic, random after it */
+			memcpy(junk, "Obj\x01", MTLZ_MIN(n, (size_t)4));
+		cr_assert_eq(fwrite(junk, 1, n, f), n);
+		fclose(f);
+		expect_container_error(cut, "random bytes");
+	}
+	snprintf(path, sizeof(path), "%s/missing.avro", regdir);
+	expect_container_error(path, "missing file");
+	mtlz_spectra_free(&all);
+}
+
+Test(avro_io, container_file_with_older_writer_schema_resolves)
+{
+	struct collect c = { { 0 }, 0, 0 };
+	char path[512];
+	uint8_t *buf, *file;
+	size_t len, flen;
+
+	write_file(regdir, "42.avsc", old_schema, strlen(old_schema));
+	snprintf(path, sizeof(path), "%s/42.avsc", regdir);
+	buf = raw_spectrum(path, 42, 50, 50, 3600.0, "old-1", &len);
+	file = container(old_schema, strlen(old_schema), buf + 5, len - 5, &flen);
+	write_file(regdir, "old.avro", file, flen);
+	snprintf(path, sizeof(path), "%s/old.avro", regdir);
+	cr_assert_eq(mtlz_avro_read_container(av, path, collect_one, &c, err, sizeof(err)),
+		     MTLZ_OK, "%s", err);
+	cr_assert_eq(c.got.n, 1);
+	cr_assert_str_eq(c.got.v[0].spec_id, "old-1");
+	cr_assert_eq(c.got.v[0].z, 0.125);
+	cr_assert_eq(c.got.v[0].zwarning, -1);
+	cr_assert_eq(c.got.v[0].grid_kind, MTLZ_GRID_LINEAR);
+	cr_assert_eq(c.got.v[0].n, 50);
+	cr_assert_eq(c.got.v[0].flux[49], 49.0f);
+	cr_assert_null(c.got.v[0].and_mask);
+	mtlz_spectra_free(&c.got);
+	free(file);
+	free(buf);
+}
+
+Test(avro_io, container_file_with_unknown_codec_is_a_format_error)
+{
+	mtlz_spectrum s;
+	char path[512];
+
+	make_spectrum(&s, MTLZ_GRID_LOGLAM, 1, 1, 100);
+	snprintf(path, sizeof(path), "%s/x.avro", regdir);
+	cr_assert_eq(mtlz_avro_write_container(av, path, &s, 1, "snappy", err, sizeof(err)),
+		     MTLZ_ERR_INVALID);
+	cr_assert_eq(access(path, F_OK), -1);
+	mtlz_spectrum_clear(&s);
+}

@@ -8,7 +8,7 @@ set -euo pipefail
 PKGS="cmake make gcc pkg-config libcfitsio-dev libopenblas-dev libjansson-dev"
 # daemon and tools: Kafka client (+ its mock cluster), Avro C, YAML config,
 # systemd notifications; kcat to read topics by hand
-PKGS="$PKGS librdkafka-dev libavro-dev libyaml-dev libsystemd-dev libssl-dev kcat"
+PKGS="$PKGS librdkafka-dev libavro-dev libyaml-dev libsystemd-dev libssl-dev zlib1g-dev kcat"
 # tests
 PKGS="$PKGS libcriterion-dev"
 # PyTorch reference for the cross-check test and the benchmark (Debian's

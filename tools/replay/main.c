@@ -1,7 +1,9 @@
 /*
  * mtlz-replay - produces spectra to a Kafka topic, the way a reduction
- * pipeline would: from SDSS/BOSS spec files and DESI coadds (FITS), or
- * directories of them, encoded as Avro (schemas/spectrum.avsc) in the chosen
+ * pipeline would: from SDSS/BOSS spec files and DESI coadds (FITS), archived
+ * Avro object-container files of spectra (*.avro, read record by record with
+ * mtlz_avro_read_container), or directories of them, encoded as Avro
+ * (schemas/spectrum.avsc) in the chosen
  * framing. Paced by --rate, bounded by --count, repeated with --loop; waits
  * for every delivery report and prints a progress line each second and a
  * final delivered/failed count. This is how a pipeline team tests mtlzd.
@@ -49,8 +51,10 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
 static const char usage[] =
 	"usage: mtlz-replay --brokers B --topic T [--framing F] [--rate R] [--count N]\n"
 	"                   [--loop] FILE|DIR...\n"
-	"Produces every spectrum of the SDSS/BOSS spec files and DESI coadds given\n"
-	"(directories are searched for *.fits) to topic T as Avro.\n"
+	"Produces every spectrum of the SDSS/BOSS spec files, DESI coadds and Avro\n"
+	"object-container files (*.avro: archived spectrum records, codec null or\n"
+	"deflate) given (directories are searched for *.fits, *.fit and *.avro)\n"
+	"to topic T as Avro.\n"
 	"  -b, --brokers B       bootstrap servers (e.g. the dev broker's bootstrap=)\n"
 	"  -t, --topic T         topic\n"
 	"  -f, --framing F       single_object (default) | confluent | container\n"
@@ -141,6 +145,13 @@ static int is_fits(const char *name)
 	       (n > 4 && strcmp(name + n - 4, ".fit") == 0);
 }
 
+static int is_avro(const char *name)
+{
+	const size_t n = strlen(name);
+
+	return n > 5 && strcmp(name + n - 5, ".avro") == 0;
+}
+
 static int cmp_str(const void *a, const void *b)
 {
 	return strcmp(*(char *const *)a, *(char *const *)b);
@@ -148,7 +159,7 @@ static int cmp_str(const void *a, const void *b)
 
 static int send_file(struct replay *r, const char *path);
 
-/* Every *.fits file of a directory, in name order, recursively. */
+/* Every *.fits, *.fit and *.avro file of a directory, in name order, recursively. */
 static int send_dir(struct replay *r, const char *dir)
 {
 	struct dirent *e;
@@ -179,12 +190,43 @@ static int send_dir(struct replay *r, const char *dir)
 		struct stat st;
 
 		if (rc == 0 && stat(names[i], &st) == 0 &&
-		    (S_ISDIR(st.st_mode) || is_fits(names[i])))
+		    (S_ISDIR(st.st_mode) || is_fits(names[i]) || is_avro(names[i])))
 			rc = S_ISDIR(st.st_mode) ? send_dir(r, names[i]) : send_file(r, names[i]);
 		free(names[i]);
 	}
 	free(names);
 	return rc;
+}
+
+/* mtlz_avro_read_container callback: --loop keeps a deep copy in the
+ * cache (the record's arrays are freed after the call), else sends it.
+ * Returns 1 to stop (send_one said so), 2 when out of memory. */
+static int on_record(void *opaque, const mtlz_spectrum *s)
+{
+	struct replay *r = opaque;
+	mtlz_spectrum *c;
+
+	if (!r->cache)
+		return send_one(r, s) ? 1 : 0;
+	c = mtlz_spectra_push(r->cache);
+	if (!c)
+		return 2;
+	*c = *s;
+	c->wave = NULL;
+	c->flux = NULL;
+	c->ivar = NULL;
+	c->and_mask = NULL;
+	if (mtlz_spectrum_alloc(c, s->n, s->ivar != NULL, s->and_mask != NULL,
+				s->wave != NULL) != MTLZ_OK)
+		return 2;
+	memcpy(c->flux, s->flux, s->n * sizeof(*s->flux));
+	if (s->ivar)
+		memcpy(c->ivar, s->ivar, s->n * sizeof(*s->ivar));
+	if (s->and_mask)
+		memcpy(c->and_mask, s->and_mask, s->n * sizeof(*s->and_mask));
+	if (s->wave)
+		memcpy(c->wave, s->wave, s->n * sizeof(*s->wave));
+	return 0;
 }
 
 static int send_file(struct replay *r, const char *path)
@@ -196,6 +238,17 @@ static int send_file(struct replay *r, const char *path)
 
 	if (stat(path, &st) == 0 && S_ISDIR(st.st_mode))
 		return send_dir(r, path);
+	if (is_avro(path)) {
+		rc = mtlz_avro_read_container(r->avro, path, on_record, r, err, sizeof(err));
+		if (rc == 1)
+			return -1;   /* send_one asked to stop */
+		if (rc != MTLZ_OK) {
+			fprintf(stderr, "mtlz-replay: %s\n", rc == 2
+				? "out of memory caching spectra" : err);
+			r->n_bad_inputs++;
+		}
+		return 0;
+	}
 	if (mtlz_fits_read(path, r->cache ? r->cache : &sp, err, sizeof(err)) != MTLZ_OK) {
 		fprintf(stderr, "mtlz-replay: %s\n", err);
 		r->n_bad_inputs++;
