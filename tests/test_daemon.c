@@ -132,6 +132,24 @@ static void teardown(void)
 
 TestSuite(daemon, .init = setup, .fini = teardown, .timeout = 240);
 
+/* Lines of <dir>/<name>.log containing `what` (and not `unless`), read up
+ * to the first line containing `until` (NULL: to the end). */
+static int count_in_log(const char *name, const char *what, const char *unless,
+			const char *until)
+{
+	char path[320], line[1024];
+	FILE *f;
+	int n = 0;
+
+	snprintf(path, sizeof(path), "%s/%s.log", dir, name);
+	f = fopen(path, "r");
+	while (f && fgets(line, sizeof(line), f) && !(until && strstr(line, until)))
+		n += strstr(line, what) && !(unless && strstr(line, unless));
+	if (f)
+		fclose(f);
+	return n;
+}
+
 static pid_t start_daemon(const char *name, char *const extra_env[], const char *set)
 {
 	char log[300];
@@ -472,10 +490,7 @@ Test(daemon, systemd_notifications_on_our_socket)
 Test(daemon, two_daemons_share_the_partitions)
 {
 	pid_t a = start_daemon("mtlzd-a", NULL, NULL), b = start_daemon("mtlzd-b", NULL, NULL);
-	int distinct, n;
-	char path[320], line[512];
-	FILE *f;
-	int a_rows = 0, b_rows = 0;
+	int distinct, n, a_rows, b_rows;
 
 	sleep(4); /* both join before data arrive */
 	replay(48, "single_object");
@@ -485,60 +500,54 @@ Test(daemon, two_daemons_share_the_partitions)
 	kill(b, SIGTERM);
 	cr_assert_eq(wait_exit(a, 60), 0);
 	cr_assert_eq(wait_exit(b, 60), 0);
-	/* both did work: each logged assigned partitions and results */
-	snprintf(path, sizeof(path), "%s/mtlzd-a.log", dir);
-	f = fopen(path, "r");
-	while (f && fgets(line, sizeof(line), f))
-		if (strstr(line, "event=status") && !strstr(line, "results=0 "))
-			a_rows++;
-	if (f)
-		fclose(f);
-	snprintf(path, sizeof(path), "%s/mtlzd-b.log", dir);
-	f = fopen(path, "r");
-	while (f && fgets(line, sizeof(line), f))
-		if (strstr(line, "event=status") && !strstr(line, "results=0 "))
-			b_rows++;
-	if (f)
-		fclose(f);
+	/* both did work: each logged a status line with results */
+	a_rows = count_in_log("mtlzd-a", "event=status", "results=0 ", NULL);
+	b_rows = count_in_log("mtlzd-b", "event=status", "results=0 ", NULL);
 	cr_assert(a_rows > 0 && b_rows > 0, "both daemons produced results (%d, %d)", a_rows, b_rows);
+}
+
+/* 16 spectra, a fault, 16 more: all 32 come out, and the stop is clean. */
+static void check_survives(void (*fault)(void))
+{
+	pid_t d = start_daemon("mtlzd", NULL, NULL);
+	int distinct, n;
+
+	replay(16, "single_object");
+	fault();
+	replay(16, "single_object");
+	n = read_results(1000, 10, &distinct);
+	cr_assert_eq(distinct, 32, "%d rows, %d distinct (%s)", n, distinct, dir);
+	kill(d, SIGTERM);
+	cr_assert_eq(wait_exit(d, 60), 0);
+}
+
+static void broker_outage(void)
+{
+	kill(broker_pid, SIGUSR1);  /* broker 1 down */
+	sleep(3);
+	kill(broker_pid, SIGUSR2);  /* and back */
+}
+
+static void request_errors(void)
+{
+	kill(broker_pid, SIGHUP);  /* the next Produce/Fetch/OffsetCommit fail */
 }
 
 Test(daemon, broker_outage_is_survived)
 {
-	pid_t d = start_daemon("mtlzd", NULL, NULL);
-	int distinct, n;
-
-	replay(16, "single_object");
-	kill(broker_pid, SIGUSR1);  /* broker 1 down */
-	sleep(3);
-	kill(broker_pid, SIGUSR2);  /* and back */
-	replay(16, "single_object");
-	n = read_results(1000, 10, &distinct);
-	cr_assert_eq(distinct, 32, "%d rows, %d distinct (%s)", n, distinct, dir);
-	kill(d, SIGTERM);
-	cr_assert_eq(wait_exit(d, 60), 0);
+	check_survives(broker_outage);
 }
 
 Test(daemon, injected_request_errors_are_retried)
 {
-	pid_t d = start_daemon("mtlzd", NULL, NULL);
-	int distinct, n;
-
-	replay(16, "single_object");
-	kill(broker_pid, SIGHUP);  /* the next Produce/Fetch/OffsetCommit fail */
-	replay(16, "single_object");
-	n = read_results(1000, 10, &distinct);
-	cr_assert_eq(distinct, 32, "%d rows, %d distinct (%s)", n, distinct, dir);
-	kill(d, SIGTERM);
-	cr_assert_eq(wait_exit(d, 60), 0);
+	check_survives(request_errors);
 }
 
 Test(daemon, daemon_joining_mid_stream_loses_nothing)
 {
-	char cmd[1024], path[320], line[512];
+	char cmd[1024];
 	pid_t a = start_daemon("mtlzd-a", NULL, NULL), b, r;
-	int distinct, n, revoked = 0;
-	FILE *f;
+	int distinct, n, revoked;
 
 	sleep(4);
 	/* 300 spectra at 100/s in the background; B joins after ~1 s */
@@ -560,11 +569,6 @@ Test(daemon, daemon_joining_mid_stream_loses_nothing)
 	cr_assert_eq(wait_exit(a, 60), 0);
 	cr_assert_eq(wait_exit(b, 60), 0);
 	/* the rebalance really happened while A was working */
-	snprintf(path, sizeof(path), "%s/mtlzd-a.log", dir);
-	f = fopen(path, "r");
-	while (f && fgets(line, sizeof(line), f) && !strstr(line, "event=stopping"))
-		revoked += strstr(line, "event=revoked") && !strstr(line, "partitions=0");
-	if (f)
-		fclose(f);
+	revoked = count_in_log("mtlzd-a", "event=revoked", "partitions=0", "event=stopping");
 	cr_assert_geq(revoked, 1, "A gave partitions up to B before it was stopped");
 }
