@@ -150,13 +150,28 @@ static int count_in_log(const char *name, const char *what, const char *unless,
 	return n;
 }
 
-static pid_t start_daemon(const char *name, char *const extra_env[], const char *set)
+/* Starts mtlzd with the test configuration and up to 4 --set overrides. */
+static pid_t start_daemon_v(const char *name, char *const extra_env[],
+			    const char *const sets[])
 {
 	char log[300];
-	char *argv[] = { DAEMON, "--config", config, set ? "--set" : NULL, (char *)set, NULL };
+	char *argv[12] = { DAEMON, "--config", config };
+	int n = 3;
 
+	for (int i = 0; sets && sets[i] && i < 4; i++) {
+		argv[n++] = "--set";
+		argv[n++] = (char *)sets[i];
+	}
+	argv[n] = NULL;
 	snprintf(log, sizeof(log), "%s/%s.log", dir, name);
 	return spawn(argv, log, NULL, extra_env);
+}
+
+static pid_t start_daemon(const char *name, char *const extra_env[], const char *set)
+{
+	const char *sets[] = { set, NULL };
+
+	return start_daemon_v(name, extra_env, sets);
 }
 
 /* Produces `count` spectra from the fixtures (looping) with mtlz-replay. */
@@ -571,4 +586,55 @@ Test(daemon, daemon_joining_mid_stream_loses_nothing)
 	/* the rebalance really happened while A was working */
 	revoked = count_in_log("mtlzd-a", "event=revoked", "partitions=0", "event=stopping");
 	cr_assert_geq(revoked, 1, "A gave partitions up to B before it was stopped");
+}
+
+Test(daemon, batch_closes_on_size_or_delay)
+{
+	/* 10 spectra at once, max_size 4: two full batches close on size, the
+	 * last 2 spectra close on the 300 ms delay */
+	static const char *const sets[] = { "batch.max_size=4", "batch.max_delay_ms=300", NULL };
+	pid_t d = start_daemon_v("mtlzd", NULL, sets);
+	char path[320], line[1024], last[1024] = "";
+	int distinct;
+	double t0;
+	FILE *f;
+
+	sleep(5);
+	replay(10, "single_object");
+	t0 = mtlz_now();
+	cr_assert_eq(read_results(10, 10, &distinct), 10);
+	cr_assert_lt(mtlz_now() - t0, 5.0, "the partial batch did not wait for more input");
+	kill(d, SIGTERM);
+	cr_assert_eq(wait_exit(d, 60), 0);
+	snprintf(path, sizeof(path), "%s/mtlzd.log", dir);
+	f = fopen(path, "r");
+	while (f && fgets(line, sizeof(line), f))
+		if (strstr(line, "event=status"))
+			strcpy(last, line);
+	if (f)
+		fclose(f);
+	cr_assert(strstr(last, "results=10 ") && strstr(last, "batches=3 "), "last status: %s", last);
+}
+
+Test(daemon, configuration_errors_exit_2_naming_the_key)
+{
+	char cmd[1024], bad[320];
+	FILE *f;
+
+	snprintf(bad, sizeof(bad), "%s/bad.yaml", dir);
+	f = fopen(bad, "w");
+	fprintf(f, "batch:\n  max_size: 0\n");
+	fclose(f);
+	snprintf(cmd, sizeof(cmd), DAEMON " --config %s 2>%s/err.log", bad, dir);
+	cr_assert_eq(WEXITSTATUS(system(cmd)), 2);
+	cr_assert_eq(count_in_log("err", "batch.max_size", NULL, NULL), 1,
+		     "the message names the key");
+	cr_assert_eq(count_in_log("err", "bad.yaml:2:", NULL, NULL), 1,
+		     "and the file and line");
+	snprintf(cmd, sizeof(cmd), DAEMON " --config %s --check-config >/dev/null 2>&1", config);
+	cr_assert_eq(WEXITSTATUS(system(cmd)), 0);
+	snprintf(cmd, sizeof(cmd), DAEMON " --config %s --set delivery.guarantee=exactly_once "
+		 "2>%s/eos.log", config, dir);
+	cr_assert_eq(WEXITSTATUS(system(cmd)), 1, "exactly_once is refused, not faked");
+	cr_assert_eq(count_in_log("eos", "not implemented", NULL, NULL), 1);
 }
