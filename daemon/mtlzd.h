@@ -82,6 +82,7 @@ struct mtlzd {
 	mtlz_model *model;
 	char model_sha256[65];
 	char model_version[64];
+	char result_fp[17];         /* hex CRC-64-AVRO of result.avsc (header) */
 	mtlz_engine *engine;
 	mtlz_prep_opts prep;
 	mtlz_prep_ws *prep_ws;

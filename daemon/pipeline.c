@@ -302,9 +302,6 @@ static void handle_message(struct mtlzd *d, rd_kafka_message_t *m)
 
 static void publish_results(struct mtlzd *d, struct mtlzd_slot *s)
 {
-	char fp[32];
-
-	snprintf(fp, sizeof(fp), "%016" PRIx64, mtlz_avro_result_fingerprint(d->avro_out));
 	for (int i = 0; i < s->n && !atomic_load(&d->fatal); i++) {
 		const mtlz_output *o = &s->out[i];
 		mtlz_result_rec r;
@@ -337,7 +334,7 @@ static void publish_results(struct mtlzd *d, struct mtlzd_slot *s)
 		}
 		h = rd_kafka_headers_new(3);
 		rd_kafka_header_add(h, "mtlz.model.sha256", -1, d->model_sha256, -1);
-		rd_kafka_header_add(h, "mtlz.schema.fingerprint", -1, fp, -1);
+		rd_kafka_header_add(h, "mtlz.schema.fingerprint", -1, d->result_fp, -1);
 		if (s->items[i].ts_ms >= 0) {
 			char ts[24];
 
@@ -651,6 +648,8 @@ int mtlzd_start(struct mtlzd *d, const mtlz_conf *c, volatile sig_atomic_t *stop
 	if (!d->avro_in || !d->avro_out)
 		return MTLZ_ERR_FORMAT;
 	d->output_framing = mtlz_framing_parse(c->output_framing);
+	snprintf(d->result_fp, sizeof(d->result_fp), "%016" PRIx64,
+		 mtlz_avro_result_fingerprint(d->avro_out));
 	if (alloc_slots(d))
 		return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory (slots)");
 	d->producer = make_client(d, RD_KAFKA_PRODUCER, errstr, errstr_size);

@@ -294,6 +294,16 @@ static uint8_t *encode(mtlz_avro *a, const mtlz_spectrum *s, size_t *len)
 	return buf;
 }
 
+/* Produces one spectrum in single-object framing. */
+static void produce_spectrum(rd_kafka_t *p, mtlz_avro *a, const mtlz_spectrum *s)
+{
+	size_t len;
+	uint8_t *buf = encode(a, s, &len);
+
+	produce_raw(p, buf, len);
+	free(buf);
+}
+
 Test(daemon, poison_messages_go_to_dead_letter_and_stream_continues)
 {
 	pid_t d = start_daemon("mtlzd", NULL, "input.max_message_bytes=200000");
@@ -337,29 +347,21 @@ Test(daemon, poison_messages_go_to_dead_letter_and_stream_continues)
 	strcpy(s.spec_id, "short");
 	for (int i = 0; i < 3000; i++)
 		s.flux[i] = 1.0f;
-	buf = encode(a, &s, &len);
-	produce_raw(p, buf, len);
-	free(buf);
+	produce_spectrum(p, a, &s);
 	/* nonpositive mean, then all NaN */
 	s.start = 3600;
 	for (int i = 0; i < 3000; i++)
 		s.flux[i] = -1.0f;
 	s.step = 2;
-	buf = encode(a, &s, &len);
-	produce_raw(p, buf, len);
-	free(buf);
+	produce_spectrum(p, a, &s);
 	for (int i = 0; i < 3000; i++)
 		s.flux[i] = 0.0f / 0.0f;
-	buf = encode(a, &s, &len);
-	produce_raw(p, buf, len);
-	free(buf);
+	produce_spectrum(p, a, &s);
 	/* bad_grid: a wavelength step <= 0 decodes, but is no grid */
 	for (int i = 0; i < 3000; i++)
 		s.flux[i] = 1.0f;
 	s.step = -2;
-	buf = encode(a, &s, &len);
-	produce_raw(p, buf, len);
-	free(buf);
+	produce_spectrum(p, a, &s);
 	mtlz_spectrum_clear(&s);
 	/* bad_pixels: two thirds of the pixels with ivar = 0 */
 	mtlz_spectrum_init(&s);
@@ -372,16 +374,11 @@ Test(daemon, poison_messages_go_to_dead_letter_and_stream_continues)
 		s.flux[i] = 1.0f;
 		s.ivar[i] = i % 3 ? 0.0f : 1.0f;
 	}
-	buf = encode(a, &s, &len);
-	produce_raw(p, buf, len);
-	free(buf);
+	produce_spectrum(p, a, &s);
 	mtlz_spectrum_clear(&s);
 	/* and good spectra after the poison */
-	for (int i = 0; i < 5; i++) {
-		buf = encode(a, &sp.v[0], &len);
-		produce_raw(p, buf, len);
-		free(buf);
-	}
+	for (int i = 0; i < 5; i++)
+		produce_spectrum(p, a, &sp.v[0]);
 	cr_assert_eq(rd_kafka_flush(p, 10000), 0);
 	rd_kafka_destroy(p);
 	mtlz_spectra_free(&sp);
