@@ -11,6 +11,12 @@
  *            stored for commit only once its result (or its dead-letter
  *            record) is acknowledged, in offset order per partition.
  *
+ * With delivery.guarantee exactly_once (txn.c) each slot is one Kafka
+ * transaction: the infer thread produces the slot's results and its deferred
+ * dead letters and sends the slot's input offsets in the same transaction;
+ * an abortable error aborts it and the consume thread rewinds the consumer
+ * to the last committed positions.
+ *
  * Batch slots are preallocated (a ring of MTLZD_SLOTS), sized for the largest
  * batch, so pinned host memory and one CUDA stream per slot can replace them
  * without reshaping the pipeline.
@@ -52,6 +58,9 @@ struct mtlzd_counters {
 	atomic_uint_fast64_t batches;
 	atomic_uint_fast64_t dlq_by_reason[MTLZD_N_REASONS];
 	atomic_uint_fast64_t offsets_stored;
+	atomic_uint_fast64_t txn_committed;    /* exactly_once */
+	atomic_uint_fast64_t txn_aborted;
+	atomic_uint_fast64_t rewinds;
 	/* where the time goes (microseconds, summed) */
 	atomic_uint_fast64_t consume_busy_us;  /* decode + preprocess (not waiting) */
 	atomic_uint_fast64_t engine_busy_us;   /* mtlz_engine_run */
@@ -66,12 +75,22 @@ struct mtlzd_item {
 	uint32_t flags;
 };
 
+/* A dead letter deferred to its slot's transaction (exactly_once). */
+struct mtlzd_dead {
+	rd_kafka_message_t *m;    /* the original message, owned */
+	int reason;
+	char detail[256];
+};
+
 struct mtlzd_slot {
-	int n;
+	int n;                    /* spectra in x/items */
+	int n_dead;               /* deferred dead letters (exactly_once only) */
 	double opened_at;
 	float *x;                 /* [max_batch][input_length] */
 	struct mtlzd_item *items; /* [max_batch] */
 	mtlz_output *out;         /* [max_batch] */
+	struct mtlzd_dead *dead;  /* [max_batch] */
+	rd_kafka_consumer_group_metadata_t *cgmd; /* taken when the slot closes */
 };
 
 struct mtlzd {
@@ -102,6 +121,15 @@ struct mtlzd {
 	mtlz_offsets *tracker;
 	struct mtlzd_counters cnt;
 
+	/* exactly_once: next offset to read per partition after the last
+	 * committed transaction (or the first offset consumed since the
+	 * partition was assigned); -1 = unknown. Under lock. */
+	int eos;
+	char txn_id[256];
+	int64_t *txn_pos;
+	int n_txn_pos;
+	atomic_int rewind;            /* a transaction aborted: rewind */
+
 	volatile sig_atomic_t *stop;  /* set by SIGTERM/SIGINT */
 	atomic_int infer_stop, deliver_stop;
 	atomic_int fatal;             /* a fatal error: stop and exit non-zero */
@@ -120,5 +148,23 @@ int mtlzd_run(struct mtlzd *d);
 void mtlzd_destroy(struct mtlzd *d);
 
 const char *mtlzd_reason_name(int r);
+
+/* pipeline.c, shared with txn.c */
+void mtlzd_set_fatal(struct mtlzd *d);
+int mtlzd_publish_results(struct mtlzd *d, struct mtlzd_slot *s);
+int mtlzd_dead_letter_send(struct mtlzd *d, const rd_kafka_message_t *m, int reason,
+			   const char *detail);
+void mtlzd_slot_release(struct mtlzd_slot *s);
+
+/* txn.c: exactly_once */
+int mtlzd_txn_init(struct mtlzd *d, char *errstr, size_t errstr_size);
+/* Runs slot s's outputs as one transaction: 0 committed, 1 aborted (the
+ * consume thread must rewind), -1 fatal. @locality infer thread */
+int mtlzd_txn_run(struct mtlzd *d, struct mtlzd_slot *s);
+/* Notes the first offset consumed for a partition. @locality consume */
+void mtlzd_txn_seen(struct mtlzd *d, int32_t partition, int64_t offset);
+void mtlzd_txn_forget(struct mtlzd *d, int32_t partition);
+/* Seeks the consumer back to the committed positions. @locality consume */
+void mtlzd_txn_rewind(struct mtlzd *d);
 
 #endif

@@ -52,7 +52,7 @@ static void unpack_po(void *op, int32_t *p, int64_t *off)
 
 /* Marks a fatal error and wakes every waiter, so that the threads stop.
  * @locality any thread; takes d->lock */
-static void set_fatal(struct mtlzd *d)
+void mtlzd_set_fatal(struct mtlzd *d)
 {
 	pthread_mutex_lock(&d->lock);
 	atomic_store(&d->fatal, 1);
@@ -88,6 +88,14 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
 	int64_t off;
 
 	unpack_po(m->_private, &p, &off);
+	if (m->err && d->eos) {
+		/* the transaction fails to commit and is aborted (txn.c) */
+		atomic_fetch_add(&d->cnt.delivery_failed, 1);
+		mtlz_log(MTLZ_LOG_WARN, "event=delivery_failed topic=%s partition=%" PRId32
+			 " offset=%" PRId64 " error=\"%s\" detail=\"the transaction aborts\"",
+			 rd_kafka_topic_name(m->rkt), p, off, rd_kafka_err2str(m->err));
+		return;
+	}
 	if (m->err) {
 		/* The idempotent producer already retried until message.timeout.ms:
 		 * the output is lost for this run. Do not advance the offset;
@@ -96,18 +104,20 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
 		mtlz_log(MTLZ_LOG_ERROR, "event=delivery_failed topic=%s partition=%" PRId32
 			 " offset=%" PRId64 " error=\"%s\"", rd_kafka_topic_name(m->rkt), p,
 			 off, rd_kafka_err2str(m->err));
-		set_fatal(d);
+		mtlzd_set_fatal(d);
 		return;
 	}
 	atomic_fetch_add(dlq ? &d->cnt.dlq_delivered : &d->cnt.results_delivered, 1);
-	offset_done(d, p, off);
+	if (!d->eos)
+		offset_done(d, p, off);
 }
 
 /* ---- producing ------------------------------------------------------ */
 
 /* Produces one message, retrying while the local queue is full (that is the
  * backpressure: the caller's thread waits, slots stay busy, the consumer
- * stops polling). Returns 0, or -1 on a non-retriable error (fatal). */
+ * stops polling). Returns 0, or -1 on a non-retriable error (fatal in
+ * at_least_once; in exactly_once the transaction aborts or fails). */
 static int produce(struct mtlzd *d, const char *topic, const void *val, size_t len,
 		   const char *key, size_t klen, rd_kafka_headers_t *hdrs, void *op)
 {
@@ -127,16 +137,17 @@ static int produce(struct mtlzd *d, const char *topic, const void *val, size_t l
 		rd_kafka_headers_destroy(hdrs);
 		mtlz_log(MTLZ_LOG_ERROR, "event=produce_failed topic=%s error=\"%s\"", topic,
 			 rd_kafka_err2str(err));
-		set_fatal(d);
+		if (!d->eos)
+			mtlzd_set_fatal(d);
 		return -1;
 	}
 	return 0;
 }
 
 /* Sends the original message to the dead-letter topic with the reason.
- * @locality consume thread */
-static void dead_letter(struct mtlzd *d, const rd_kafka_message_t *m, int reason,
-			const char *detail)
+ * @locality consume thread (at_least_once), infer thread (exactly_once) */
+int mtlzd_dead_letter_send(struct mtlzd *d, const rd_kafka_message_t *m, int reason,
+			   const char *detail)
 {
 	rd_kafka_headers_t *orig = NULL, *h;
 	char buf[32];
@@ -152,13 +163,47 @@ static void dead_letter(struct mtlzd *d, const rd_kafka_message_t *m, int reason
 	rd_kafka_header_add(h, "mtlz.source.partition", -1, buf, -1);
 	snprintf(buf, sizeof(buf), "%" PRId64, m->offset);
 	rd_kafka_header_add(h, "mtlz.source.offset", -1, buf, -1);
+	if (produce(d, d->conf->topics_dead_letter, m->payload, m->len, m->key,
+		    m->key_len, h, pack_po(m->partition, m->offset)) < 0)
+		return -1;
+	atomic_fetch_add(&d->cnt.dlq_produced, 1);
+	return 0;
+}
+
+static int ensure_open_slot(struct mtlzd *d);
+static void close_open_slot(struct mtlzd *d);
+
+static int slot_count(const struct mtlzd_slot *s)
+{
+	return s->n + s->n_dead;
+}
+
+/* Dead-letters m: now (at_least_once), or deferred into the open slot so
+ * that it is produced in that slot's transaction (exactly_once). Returns 1
+ * when the slot took ownership of m. @locality consume thread */
+static int dead_letter(struct mtlzd *d, rd_kafka_message_t *m, int reason, const char *detail)
+{
+	struct mtlzd_slot *s;
+	struct mtlzd_dead *dl;
+
 	atomic_fetch_add(&d->cnt.dlq_by_reason[reason], 1);
 	mtlz_log(MTLZ_LOG_DEBUG, "event=dead_letter partition=%" PRId32 " offset=%" PRId64
 		 " class=%s detail=\"%s\"", m->partition, m->offset,
 		 mtlzd_reason_name(reason), detail);
-	if (produce(d, d->conf->topics_dead_letter, m->payload, m->len, m->key,
-		    m->key_len, h, pack_po(m->partition, m->offset)) == 0)
-		atomic_fetch_add(&d->cnt.dlq_produced, 1);
+	if (!d->eos) {
+		mtlzd_dead_letter_send(d, m, reason, detail);
+		return 0;
+	}
+	if (ensure_open_slot(d) < 0)
+		return 0; /* fatal: not processed, so not committed */
+	s = &d->slots[d->open_slot];
+	dl = &s->dead[s->n_dead++];
+	dl->m = m;
+	dl->reason = reason;
+	snprintf(dl->detail, sizeof(dl->detail), "%s", detail);
+	if (slot_count(s) == d->conf->batch_max_size)
+		close_open_slot(d);
+	return 1;
 }
 
 /* ---- slots ---------------------------------------------------------- */
@@ -167,8 +212,13 @@ static void dead_letter(struct mtlzd *d, const rd_kafka_message_t *m, int reason
  * @locality consume thread */
 static void close_open_slot(struct mtlzd *d)
 {
-	if (d->open_slot < 0 || d->slots[d->open_slot].n == 0)
+	struct mtlzd_slot *s;
+
+	if (d->open_slot < 0 || slot_count(&d->slots[d->open_slot]) == 0)
 		return;
+	s = &d->slots[d->open_slot];
+	if (d->eos)  /* the group generation these inputs were read in */
+		s->cgmd = rd_kafka_consumer_group_metadata(d->consumer);
 	pthread_mutex_lock(&d->lock);
 	d->ready_q[(d->ready_head + d->n_ready) % MTLZD_SLOTS] = d->open_slot;
 	d->n_ready++;
@@ -201,8 +251,21 @@ static int ensure_open_slot(struct mtlzd *d)
 	d->open_slot = d->free_q[--d->n_free];
 	pthread_mutex_unlock(&d->lock);
 	d->slots[d->open_slot].n = 0;
+	d->slots[d->open_slot].n_dead = 0;
 	d->slots[d->open_slot].opened_at = mtlz_now();
 	return 0;
+}
+
+/* Drops what a slot holds beyond its preallocated buffers. */
+void mtlzd_slot_release(struct mtlzd_slot *s)
+{
+	for (int i = 0; i < s->n_dead; i++)
+		rd_kafka_message_destroy(s->dead[i].m);
+	s->n_dead = 0;
+	s->n = 0;
+	if (s->cgmd)
+		rd_kafka_consumer_group_metadata_destroy(s->cgmd);
+	s->cgmd = NULL;
 }
 
 /* Waits until every slot is back (in-flight batches produced).
@@ -241,8 +304,8 @@ static int decode_reason(int e)
 }
 
 /* One input message: decode, preprocess into the open slot or dead-letter.
- * @locality consume thread */
-static void handle_message(struct mtlzd *d, rd_kafka_message_t *m)
+ * Returns 1 when a slot took ownership of m. @locality consume thread */
+static int handle_message(struct mtlzd *d, rd_kafka_message_t *m)
 {
 	struct mtlzd_slot *s;
 	struct mtlzd_item *it;
@@ -253,14 +316,15 @@ static void handle_message(struct mtlzd *d, rd_kafka_message_t *m)
 	int e, rc;
 
 	atomic_fetch_add(&d->cnt.consumed, 1);
-	if (mtlz_offsets_add(d->tracker, m->partition, m->offset) < 0)
+	if (d->eos)
+		mtlzd_txn_seen(d, m->partition, m->offset);
+	else if (mtlz_offsets_add(d->tracker, m->partition, m->offset) < 0)
 		mtlz_log(MTLZ_LOG_WARN, "event=offset_out_of_order partition=%" PRId32
 			 " offset=%" PRId64, m->partition, m->offset);
 	if (m->len > (size_t)d->conf->input_max_message_bytes) {
 		snprintf(err, sizeof(err), "%zu bytes, input.max_message_bytes is %d",
 			 m->len, d->conf->input_max_message_bytes);
-		dead_letter(d, m, MTLZD_R_OVERSIZE, err);
-		return;
+		return dead_letter(d, m, MTLZD_R_OVERSIZE, err);
 	}
 	mtlz_spectrum_init(&sp);
 	t0 = now_us();
@@ -268,14 +332,13 @@ static void handle_message(struct mtlzd *d, rd_kafka_message_t *m)
 	atomic_fetch_add(&d->cnt.consume_busy_us, (uint64_t)(now_us() - t0));
 	if (e != MTLZ_DECODE_OK) {
 		mtlz_spectrum_clear(&sp);
-		dead_letter(d, m, decode_reason(e), err);
-		return;
+		return dead_letter(d, m, decode_reason(e), err);
 	}
 	snprintf(sp.source, sizeof(sp.source), "%s[%" PRId32 "]@%" PRId64,
 		 rd_kafka_topic_name(m->rkt), m->partition, m->offset);
 	if (ensure_open_slot(d) < 0) {
 		mtlz_spectrum_clear(&sp);
-		return; /* fatal: not processed, so not committed */
+		return 0; /* fatal: not processed, so not committed */
 	}
 	s = &d->slots[d->open_slot];
 	t0 = now_us();
@@ -284,8 +347,8 @@ static void handle_message(struct mtlzd *d, rd_kafka_message_t *m)
 	atomic_fetch_add(&d->cnt.consume_busy_us, (uint64_t)(now_us() - t0));
 	if (rc != MTLZ_OK) {
 		mtlz_spectrum_clear(&sp);
-		dead_letter(d, m, info.reject ? prep_reason(info.reject) : MTLZD_R_INVALID, err);
-		return;
+		return dead_letter(d, m, info.reject ? prep_reason(info.reject) : MTLZD_R_INVALID,
+				   err);
 	}
 	it = &s->items[s->n++];
 	snprintf(it->spec_id, sizeof(it->spec_id), "%s", sp.spec_id);
@@ -294,15 +357,18 @@ static void handle_message(struct mtlzd *d, rd_kafka_message_t *m)
 	it->ts_ms = rd_kafka_message_timestamp(m, NULL);
 	it->flags = info.flags;
 	mtlz_spectrum_clear(&sp);
-	if (s->n == d->conf->batch_max_size)
+	if (slot_count(s) == d->conf->batch_max_size)
 		close_open_slot(d);
+	return 0;
 }
 
 /* ---- infer ---------------------------------------------------------- */
 
-static void publish_results(struct mtlzd *d, struct mtlzd_slot *s)
+/* Encodes and produces slot s's results; -1 on the first failure.
+ * @locality infer thread */
+int mtlzd_publish_results(struct mtlzd *d, struct mtlzd_slot *s)
 {
-	for (int i = 0; i < s->n && !atomic_load(&d->fatal); i++) {
+	for (int i = 0; i < s->n; i++) {
 		const mtlz_output *o = &s->out[i];
 		mtlz_result_rec r;
 		rd_kafka_headers_t *h;
@@ -329,8 +395,8 @@ static void publish_results(struct mtlzd *d, struct mtlzd_slot *s)
 					    sizeof(err)) != MTLZ_OK) {
 			mtlz_log(MTLZ_LOG_ERROR, "event=encode_failed spec_id=%s error=\"%s\"",
 				 r.spec_id, err);
-			set_fatal(d);
-			return;
+			mtlzd_set_fatal(d);
+			return -1;
 		}
 		h = rd_kafka_headers_new(3);
 		rd_kafka_header_add(h, "mtlz.model.sha256", -1, d->model_sha256, -1);
@@ -342,9 +408,11 @@ static void publish_results(struct mtlzd *d, struct mtlzd_slot *s)
 			rd_kafka_header_add(h, "mtlz.source.timestamp_ms", -1, ts, -1);
 		}
 		if (produce(d, d->conf->topics_output, buf, len, r.spec_id, strlen(r.spec_id),
-			    h, pack_po(r.source_partition, r.source_offset)) == 0)
-			atomic_fetch_add(&d->cnt.results_produced, 1);
+			    h, pack_po(r.source_partition, r.source_offset)) < 0)
+			return -1;
+		atomic_fetch_add(&d->cnt.results_produced, 1);
 	}
+	return 0;
 }
 
 /* @locality infer thread: owns the engine */
@@ -378,18 +446,25 @@ static void *infer_main(void *arg)
 
 		s = &d->slots[idx];
 		t0 = now_us();
-		if (mtlz_engine_run(d->engine, s->x, s->n, d->conf->engine_mc_samples, s->out,
-				    err, sizeof(err)) != MTLZ_OK) {
+		if (atomic_load(&d->rewind) || atomic_load(&d->fatal)) {
+			/* read past an aborted transaction: dropped, read again */
+		} else if (s->n > 0 && mtlz_engine_run(d->engine, s->x, s->n,
+						       d->conf->engine_mc_samples, s->out,
+						       err, sizeof(err)) != MTLZ_OK) {
 			mtlz_log(MTLZ_LOG_ERROR, "event=engine_failed error=\"%s\"", err);
-			set_fatal(d);
+			mtlzd_set_fatal(d);
 		} else {
 			t1 = now_us();
-			publish_results(d, s);
+			if (!d->eos)
+				mtlzd_publish_results(d, s);
+			else if (mtlzd_txn_run(d, s) > 0)
+				atomic_store(&d->rewind, 1);
 			atomic_fetch_add(&d->cnt.batches, 1);
 			atomic_fetch_add(&d->cnt.engine_busy_us, (uint64_t)(t1 - t0));
 			atomic_fetch_add(&d->cnt.publish_busy_us, (uint64_t)(now_us() - t1));
 		}
 		atomic_store(&d->infer_alive_us, now_us());
+		mtlzd_slot_release(s);
 		pthread_mutex_lock(&d->lock);
 		d->free_q[d->n_free++] = idx;
 		d->busy--;
@@ -436,11 +511,17 @@ static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 		const int lost = rd_kafka_assignment_lost(rk);
 
 		drain_slots(d);
-		rd_kafka_flush(d->producer, 30 * 1000);
-		if (!lost)
-			rd_kafka_commit(rk, NULL, 0);
-		for (int i = 0; i < parts->cnt; i++)
+		if (!d->eos) {
+			rd_kafka_flush(d->producer, 30 * 1000);
+			if (!lost)
+				rd_kafka_commit(rk, NULL, 0);
+		}
+		/* exactly_once: the offsets were committed in the transactions */
+		for (int i = 0; i < parts->cnt; i++) {
 			mtlz_offsets_drop(d->tracker, parts->elems[i].partition);
+			if (d->eos)
+				mtlzd_txn_forget(d, parts->elems[i].partition);
+		}
 		if (coop)
 			e = rd_kafka_incremental_unassign(rk, parts);
 		else
@@ -461,7 +542,7 @@ static void on_error(rd_kafka_t *rk, int err, const char *reason, void *opaque)
 	if (rd_kafka_fatal_error(rk, NULL, 0)) {
 		mtlz_log(MTLZ_LOG_ERROR, "event=kafka_fatal client=%s error=\"%s\"",
 			 rd_kafka_name(rk), reason);
-		set_fatal(d);
+		mtlzd_set_fatal(d);
 		return;
 	}
 	/* transient (broker down, transport): librdkafka retries with backoff */
@@ -515,11 +596,18 @@ static rd_kafka_t *make_client(struct mtlzd *d, rd_kafka_type_t type, char *errs
 		for (size_t i = 0; i < MTLZ_ARRAY_SIZE(consumer_defaults); i++)
 			if (set_kv(kc, consumer_defaults[i][0], consumer_defaults[i][1], errstr, errstr_size))
 				goto out_conf;
+		/* exactly_once: offsets go only through the transactions, and
+		 * only committed upstream records are read */
+		if (d->eos && (set_kv(kc, "enable.auto.commit", "false", errstr, errstr_size) ||
+			       set_kv(kc, "isolation.level", "read_committed", errstr, errstr_size)))
+			goto out_conf;
 		rd_kafka_conf_set_rebalance_cb(kc, on_rebalance);
 	} else {
 		for (size_t i = 0; i < MTLZ_ARRAY_SIZE(producer_defaults); i++)
 			if (set_kv(kc, producer_defaults[i][0], producer_defaults[i][1], errstr, errstr_size))
 				goto out_conf;
+		if (d->eos && set_kv(kc, "transactional.id", d->txn_id, errstr, errstr_size))
+			goto out_conf;
 		rd_kafka_conf_set_dr_msg_cb(kc, on_delivery);
 	}
 	for (int i = 0; i < n_pass; i++)
@@ -545,7 +633,8 @@ static int alloc_slots(struct mtlzd *d)
 		s->x = mtlz_aligned_alloc((size_t)B * d->L * sizeof(float));
 		s->items = calloc((size_t)B, sizeof(*s->items));
 		s->out = calloc((size_t)B, sizeof(*s->out));
-		if (!s->x || !s->items || !s->out)
+		s->dead = calloc((size_t)B, sizeof(*s->dead));
+		if (!s->x || !s->items || !s->out || !s->dead)
 			return MTLZ_ERR_NOMEM;
 		d->free_q[d->n_free++] = i;
 	}
@@ -624,11 +713,16 @@ int mtlzd_start(struct mtlzd *d, const mtlz_conf *c, volatile sig_atomic_t *stop
 	pthread_mutex_init(&d->lock, NULL);
 	pthread_cond_init(&d->cond_ready, NULL);
 	pthread_cond_init(&d->cond_free, NULL);
-	if (strcmp(c->delivery_guarantee, "at_least_once") != 0)
-		return mtlz_err(errstr, errstr_size, MTLZ_ERR_UNSUPPORTED,
-				"delivery.guarantee %s is not implemented yet in this "
-				"build (docs/daemon.md); use at_least_once",
-				c->delivery_guarantee);
+	d->eos = strcmp(c->delivery_guarantee, "exactly_once") == 0;
+	if (d->eos) {
+		char host[128] = "localhost";
+
+		gethostname(host, sizeof(host) - 1);
+		if (c->delivery_transactional_id[0])
+			snprintf(d->txn_id, sizeof(d->txn_id), "%s", c->delivery_transactional_id);
+		else
+			snprintf(d->txn_id, sizeof(d->txn_id), "mtlzd-%s-%s", c->kafka_group_id, host);
+	}
 	if (c->preprocess_threads > 1)
 		mtlz_log(MTLZ_LOG_WARN, "event=config_unused key=preprocess.threads value=%d "
 			 "detail=\"decoding and preprocessing run in the consume thread\"",
@@ -655,6 +749,8 @@ int mtlzd_start(struct mtlzd *d, const mtlz_conf *c, volatile sig_atomic_t *stop
 	d->producer = make_client(d, RD_KAFKA_PRODUCER, errstr, errstr_size);
 	if (!d->producer)
 		return MTLZ_ERR_INVALID;
+	if (d->eos && mtlzd_txn_init(d, errstr, errstr_size))
+		return MTLZ_ERR_IO;
 	d->consumer = make_client(d, RD_KAFKA_CONSUMER, errstr, errstr_size);
 	if (!d->consumer)
 		return MTLZ_ERR_INVALID;
@@ -673,11 +769,11 @@ int mtlzd_start(struct mtlzd *d, const mtlz_conf *c, volatile sig_atomic_t *stop
 	pthread_setname_np(d->infer_thr, "mtlzd-infer");
 	pthread_setname_np(d->deliver_thr, "mtlzd-deliver");
 	mtlz_log(MTLZ_LOG_INFO, "event=started model=%s sha256=%s version=%s engine=\"%s\" "
-		 "input=%s output=%s dead_letter=%s batch=%d delay_ms=%d guarantee=%s",
+		 "input=%s output=%s dead_letter=%s batch=%d delay_ms=%d guarantee=%s%s%s",
 		 c->model_path, d->model_sha256, d->model_version,
 		 mtlz_engine_describe(d->engine), c->topics_input, c->topics_output,
 		 c->topics_dead_letter, c->batch_max_size, c->batch_max_delay_ms,
-		 c->delivery_guarantee);
+		 c->delivery_guarantee, d->eos ? " transactional_id=" : "", d->eos ? d->txn_id : "");
 	return MTLZ_OK;
 }
 
@@ -720,6 +816,11 @@ static void report_status(struct mtlzd *d, double dt, uint64_t *last_results)
 		 (uint64_t)atomic_load(&d->cnt.consume_busy_us) / 1000,
 		 (uint64_t)atomic_load(&d->cnt.engine_busy_us) / 1000,
 		 (uint64_t)atomic_load(&d->cnt.publish_busy_us) / 1000);
+	if (d->eos)
+		mtlz_log(MTLZ_LOG_INFO, "event=txn_status transactions=%" PRIu64 " aborted=%" PRIu64
+			 " rewinds=%" PRIu64, (uint64_t)atomic_load(&d->cnt.txn_committed),
+			 (uint64_t)atomic_load(&d->cnt.txn_aborted),
+			 (uint64_t)atomic_load(&d->cnt.rewinds));
 	sd_notifyf(0, "STATUS=%.1f spectra/s, lag %" PRId64 ", %" PRIu64 " results, %" PRIu64
 		   " dead-lettered", rate, lag, res, dlq);
 }
@@ -740,22 +841,27 @@ int mtlzd_run(struct mtlzd *d)
 		rd_kafka_message_t *m;
 		double now;
 
-		if (d->open_slot >= 0 && d->slots[d->open_slot].n > 0) {
+		if (atomic_load(&d->rewind))
+			mtlzd_txn_rewind(d);
+		if (d->open_slot >= 0 && slot_count(&d->slots[d->open_slot]) > 0) {
 			const double left = d->slots[d->open_slot].opened_at + delay - mtlz_now();
 
 			timeout = left <= 0 ? 0 : MTLZ_MIN(100, (int)(left * 1000) + 1);
 		}
 		m = rd_kafka_consumer_poll(d->consumer, timeout);
 		if (m) {
+			int kept = 0;
+
 			if (!m->err)
-				handle_message(d, m);
+				kept = handle_message(d, m);
 			else if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF)
 				mtlz_log(MTLZ_LOG_WARN, "event=consume_error error=\"%s\"",
 					 rd_kafka_message_errstr(m));
-			rd_kafka_message_destroy(m);
+			if (!kept)
+				rd_kafka_message_destroy(m);
 		}
 		now = mtlz_now();
-		if (d->open_slot >= 0 && d->slots[d->open_slot].n > 0 &&
+		if (d->open_slot >= 0 && slot_count(&d->slots[d->open_slot]) > 0 &&
 		    now - d->slots[d->open_slot].opened_at >= delay)
 			close_open_slot(d);
 		if (!ready && atomic_load(&d->joined)) {
@@ -777,11 +883,16 @@ int mtlzd_run(struct mtlzd *d)
 		drain_slots(d);
 		if (rd_kafka_flush(d->producer, 60 * 1000))
 			rc = -1;
-		err = rd_kafka_commit(d->consumer, NULL, 0);
+		/* exactly_once: the transactions committed the offsets; a batch
+		 * aborted just now is simply read again by the next owner */
+		err = d->eos ? RD_KAFKA_RESP_ERR_NO_ERROR : rd_kafka_commit(d->consumer, NULL, 0);
 		if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
 			mtlz_log(MTLZ_LOG_WARN, "event=commit_failed error=\"%s\"",
 				 rd_kafka_err2str(err));
 	}
+	/* a slot still open (fatal stop) holds messages */
+	if (d->open_slot >= 0)
+		mtlzd_slot_release(&d->slots[d->open_slot]);
 	rd_kafka_consumer_close(d->consumer);
 	report_status(d, 0, &last_results);
 	return atomic_load(&d->fatal) || rc ? 1 : 0;
@@ -798,6 +909,9 @@ void mtlzd_destroy(struct mtlzd *d)
 	atomic_store(&d->deliver_stop, 1);
 	if (d->deliver_thr)
 		pthread_join(d->deliver_thr, NULL);
+	/* messages held by slots belong to the consumer: release them first */
+	for (int i = 0; i < MTLZD_SLOTS; i++)
+		mtlzd_slot_release(&d->slots[i]);
 	if (d->consumer)
 		rd_kafka_destroy(d->consumer);
 	if (d->producer) {
@@ -805,6 +919,7 @@ void mtlzd_destroy(struct mtlzd *d)
 		rd_kafka_destroy(d->producer);
 	}
 	for (int i = 0; i < MTLZD_SLOTS; i++) {
+		free(d->slots[i].dead);
 		free(d->slots[i].x);
 		free(d->slots[i].items);
 		free(d->slots[i].out);
@@ -815,6 +930,7 @@ void mtlzd_destroy(struct mtlzd *d)
 	mtlz_model_free(d->model);
 	mtlz_prep_ws_free(d->prep_ws);
 	mtlz_offsets_free(d->tracker);
+	free(d->txn_pos);
 	pthread_cond_destroy(&d->cond_ready);
 	pthread_cond_destroy(&d->cond_free);
 	pthread_mutex_destroy(&d->lock);

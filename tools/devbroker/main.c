@@ -10,8 +10,15 @@
  * (docs/daemon.md): no transaction markers, TxnOffsetCommit not stored.
  *
  * Fault injection for tests: SIGUSR1 takes broker 1 down, SIGUSR2 brings it
- * back up, SIGHUP makes the next Produce, Fetch and OffsetCommit requests
- * fail with retriable errors (rd_kafka_mock_push_request_errors).
+ * back up, SIGHUP injects request errors (rd_kafka_mock_push_request_errors)
+ * of the kind chosen by --hup-errors:
+ *   retriable  the next Produce, Fetch and OffsetCommit requests fail with
+ *              errors a client retries;
+ *   abortable  the next AddPartitionsToTxn fails (TOPIC_AUTHORIZATION_FAILED):
+ *              the transaction in progress must be aborted;
+ *   fenced     the next EndTxn fails with PRODUCER_FENCED, as when a newer
+ *              instance with the same transactional.id has started (the mock
+ *              cluster does not fence by itself).
  */
 #define _DEFAULT_SOURCE
 #include <librdkafka/rdkafka.h>
@@ -42,11 +49,14 @@ static void on_signal(int sig)
 static const char usage[] =
 	"usage: mtlz-devbroker [--partitions N] [--topics a,b,...] [--brokers N]\n"
 	"                      [--bootstrap-file FILE]\n"
+	"                      [--hup-errors retriable|abortable|fenced]\n"
 	"Starts librdkafka's mock Kafka cluster on loopback, creates the topics\n"
 	"(default spectra,results,spectra.dlq with 4 partitions), prints\n"
 	"bootstrap=HOST:PORT first on stdout and runs until SIGTERM or SIGINT.\n"
-	"SIGUSR1 takes broker 1 down, SIGUSR2 brings it back; SIGHUP makes the\n"
-	"next Produce, Fetch and OffsetCommit requests fail with retriable errors.\n";
+	"SIGUSR1 takes broker 1 down, SIGUSR2 brings it back; SIGHUP injects\n"
+	"request errors: retriable (the next Produce, Fetch and OffsetCommit fail;\n"
+	"the default), abortable (the next AddPartitionsToTxn fails: the open\n"
+	"transaction must abort) or fenced (the next EndTxn says PRODUCER_FENCED).\n";
 
 int main(int argc, char **argv)
 {
@@ -55,11 +65,13 @@ int main(int argc, char **argv)
 		{ "topics", required_argument, 0, 't' },
 		{ "brokers", required_argument, 0, 'b' },
 		{ "bootstrap-file", required_argument, 0, 'f' },
+		{ "hup-errors", required_argument, 0, 'e' },
 		{ "help", no_argument, 0, 'h' },
 		{ "version", no_argument, 0, 'V' },
 		{ 0, 0, 0, 0 },
 	};
 	const char *topics = "spectra,results,spectra.dlq", *bfile = NULL;
+	const char *hup = "retriable";
 	int partitions = 4, n_brokers = 1, c;
 	char errstr[512], *list, *save = NULL, *tok;
 	rd_kafka_conf_t *conf;
@@ -73,13 +85,15 @@ int main(int argc, char **argv)
 		case 't': topics = optarg; break;
 		case 'b': n_brokers = atoi(optarg); break;
 		case 'f': bfile = optarg; break;
+		case 'e': hup = optarg; break;
 		case 'h': fputs(usage, stdout); return 0;
 		case 'V': printf("mtlz-devbroker (librdkafka %s)\n", rd_kafka_version_str()); return 0;
 		default: fputs(usage, stderr); return 2;
 		}
 	}
 	if (optind != argc || partitions < 1 || partitions > 1000 || n_brokers < 1 ||
-	    n_brokers > 16 || !*topics) {
+	    n_brokers > 16 || !*topics || (strcmp(hup, "retriable") && strcmp(hup, "abortable") &&
+					   strcmp(hup, "fenced"))) {
 		fputs(usage, stderr);
 		return 2;
 	}
@@ -140,8 +154,16 @@ int main(int argc, char **argv)
 			fprintf(stderr, "mtlz-devbroker: broker 1 down\n");
 		}
 		if (want_errors) {
-			/* Kafka API keys: Produce 0, Fetch 1, OffsetCommit 8 */
+			/* Kafka API keys: Produce 0, Fetch 1, OffsetCommit 8,
+			 * AddPartitionsToTxn 24, EndTxn 26 */
 			want_errors = 0;
+			if (strcmp(hup, "abortable") == 0) {
+				rd_kafka_mock_push_request_errors(mc, 24, 1,
+					RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED);
+			} else if (strcmp(hup, "fenced") == 0) {
+				rd_kafka_mock_push_request_errors(mc, 26, 1,
+					RD_KAFKA_RESP_ERR_PRODUCER_FENCED);
+			} else {
 			rd_kafka_mock_push_request_errors(mc, 0, 3,
 				RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
 				RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
@@ -152,7 +174,8 @@ int main(int argc, char **argv)
 			rd_kafka_mock_push_request_errors(mc, 8, 2,
 				RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
 				RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS);
-			fprintf(stderr, "mtlz-devbroker: request errors injected\n");
+			}
+			fprintf(stderr, "mtlz-devbroker: %s request errors injected\n", hup);
 		}
 		if (want_up) {
 			want_up = 0;

@@ -96,7 +96,9 @@ int cmd_consume(int argc, char **argv)
 	if (rd_kafka_conf_set(kc, "bootstrap.servers", brokers, err, sizeof(err)) ||
 	    rd_kafka_conf_set(kc, "group.id", group, err, sizeof(err)) ||
 	    rd_kafka_conf_set(kc, "auto.offset.reset", "earliest", err, sizeof(err)) ||
-	    rd_kafka_conf_set(kc, "enable.auto.commit", "false", err, sizeof(err))) {
+	    rd_kafka_conf_set(kc, "enable.auto.commit", "false", err, sizeof(err)) ||
+	    /* results of aborted transactions (exactly_once) are not shown */
+	    rd_kafka_conf_set(kc, "isolation.level", "read_committed", err, sizeof(err))) {
 		cli_error("consume: %s", err);
 		rd_kafka_conf_destroy(kc);
 		mtlz_avro_free(avro);

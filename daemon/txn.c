@@ -1,0 +1,219 @@
+/*
+ * txn.c - delivery.guarantee exactly_once: one Kafka transaction per batch
+ * slot, in the pattern of librdkafka's examples/transactions.c:
+ *
+ *   begin_transaction
+ *   produce the slot's results and its deferred dead letters
+ *   send_offsets_to_transaction(the slot's input offsets + 1, group metadata)
+ *   commit_transaction
+ *
+ * Errors: a retriable commit is retried; an abortable error aborts the
+ * transaction, the slots read after it are dropped and the consume thread
+ * seeks every partition back to the position after the last committed
+ * transaction (kept here, so no round trip and no dependence on the broker
+ * storing TxnOffsetCommit); a fatal error (e.g. fenced by a newer instance
+ * with the same transactional.id) stops the daemon with exit code 1, with
+ * nothing committed for the failed batch.
+ */
+#define _GNU_SOURCE
+#include "mtlzd.h"
+#include "common.h"
+#include "log.h"
+
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TXN_TIMEOUT_MS 30000
+
+int mtlzd_txn_init(struct mtlzd *d, char *errstr, size_t errstr_size)
+{
+	rd_kafka_error_t *e = rd_kafka_init_transactions(d->producer, TXN_TIMEOUT_MS);
+	int rc;
+
+	if (!e)
+		return MTLZ_OK;
+	rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_IO,
+		      "exactly_once: init_transactions (transactional.id %s): %s", d->txn_id,
+		      rd_kafka_error_string(e));
+	rd_kafka_error_destroy(e);
+	return rc;
+}
+
+/* @locality consume thread; takes d->lock */
+void mtlzd_txn_seen(struct mtlzd *d, int32_t p, int64_t off)
+{
+	if (p < 0)
+		return;
+	pthread_mutex_lock(&d->lock);
+	if (p >= d->n_txn_pos) {
+		const int n = MTLZ_MAX(p + 1, 2 * d->n_txn_pos);
+		int64_t *v = realloc(d->txn_pos, (size_t)n * sizeof(*v));
+
+		if (!v) {
+			pthread_mutex_unlock(&d->lock);
+			mtlz_log(MTLZ_LOG_ERROR, "event=out_of_memory detail=\"txn positions\"");
+			mtlzd_set_fatal(d);
+			return;
+		}
+		for (int i = d->n_txn_pos; i < n; i++)
+			v[i] = -1;
+		d->txn_pos = v;
+		d->n_txn_pos = n;
+	}
+	if (d->txn_pos[p] < 0)
+		d->txn_pos[p] = off;
+	pthread_mutex_unlock(&d->lock);
+}
+
+/* @locality consume thread (rebalance callback); takes d->lock */
+void mtlzd_txn_forget(struct mtlzd *d, int32_t p)
+{
+	pthread_mutex_lock(&d->lock);
+	if (p >= 0 && p < d->n_txn_pos)
+		d->txn_pos[p] = -1;
+	pthread_mutex_unlock(&d->lock);
+}
+
+/* The next offset to read per partition once slot s is committed. */
+static rd_kafka_topic_partition_list_t *slot_offsets(struct mtlzd *d,
+						     const struct mtlzd_slot *s)
+{
+	rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(4);
+	const char *topic = d->conf->topics_input;
+
+	for (int i = 0; i < s->n + s->n_dead; i++) {
+		const int32_t p = i < s->n ? s->items[i].partition : s->dead[i - s->n].m->partition;
+		const int64_t off = i < s->n ? s->items[i].offset : s->dead[i - s->n].m->offset;
+		rd_kafka_topic_partition_t *tp = rd_kafka_topic_partition_list_find(l, topic, p);
+
+		if (!tp) {
+			tp = rd_kafka_topic_partition_list_add(l, topic, p);
+			tp->offset = off + 1;
+		} else if (off + 1 > tp->offset) {
+			tp->offset = off + 1;
+		}
+	}
+	return l;
+}
+
+static void advance(struct mtlzd *d, const rd_kafka_topic_partition_list_t *l)
+{
+	pthread_mutex_lock(&d->lock);
+	for (int i = 0; i < l->cnt; i++) {
+		const int32_t p = l->elems[i].partition;
+
+		/* a partition revoked meanwhile was forgotten: keep it so */
+		if (p < d->n_txn_pos && d->txn_pos[p] >= 0)
+			d->txn_pos[p] = l->elems[i].offset;
+	}
+	pthread_mutex_unlock(&d->lock);
+}
+
+int mtlzd_txn_run(struct mtlzd *d, struct mtlzd_slot *s)
+{
+	rd_kafka_topic_partition_list_t *offs = NULL;
+	rd_kafka_error_t *e;
+	const char *step = "begin_transaction";
+
+	e = rd_kafka_begin_transaction(d->producer);
+	if (e)
+		goto failed;
+	step = "produce";
+	if (mtlzd_publish_results(d, s) < 0)
+		goto abort;
+	for (int i = 0; i < s->n_dead; i++)
+		if (mtlzd_dead_letter_send(d, s->dead[i].m, s->dead[i].reason, s->dead[i].detail) < 0)
+			goto abort;
+	offs = slot_offsets(d, s);
+	step = "send_offsets_to_transaction";
+	e = rd_kafka_send_offsets_to_transaction(d->producer, offs, s->cgmd, TXN_TIMEOUT_MS);
+	if (e)
+		goto failed;
+	step = "commit_transaction";
+	while ((e = rd_kafka_commit_transaction(d->producer, TXN_TIMEOUT_MS)) &&
+	       rd_kafka_error_is_retriable(e) && !rd_kafka_error_is_fatal(e)) {
+		mtlz_log(MTLZ_LOG_WARN, "event=txn_retry step=%s error=\"%s\"", step,
+			 rd_kafka_error_string(e));
+		rd_kafka_error_destroy(e);
+	}
+	if (e)
+		goto failed;
+	advance(d, offs);
+	rd_kafka_topic_partition_list_destroy(offs);
+	atomic_fetch_add(&d->cnt.txn_committed, 1);
+	return 0;
+
+failed:
+	if (rd_kafka_error_is_fatal(e)) {
+		mtlz_log(MTLZ_LOG_ERROR, "event=txn_fatal step=%s error=\"%s\" detail=\"nothing "
+			 "committed for this batch; stopping\"", step, rd_kafka_error_string(e));
+		rd_kafka_error_destroy(e);
+		if (offs)
+			rd_kafka_topic_partition_list_destroy(offs);
+		mtlzd_set_fatal(d);
+		return -1;
+	}
+	mtlz_log(MTLZ_LOG_WARN, "event=txn_abortable step=%s error=\"%s\"", step,
+		 rd_kafka_error_string(e));
+	rd_kafka_error_destroy(e);
+abort:
+	if (offs)
+		rd_kafka_topic_partition_list_destroy(offs);
+	e = rd_kafka_abort_transaction(d->producer, TXN_TIMEOUT_MS);
+	if (e) {
+		mtlz_log(MTLZ_LOG_ERROR, "event=txn_fatal step=abort_transaction error=\"%s\"",
+			 rd_kafka_error_string(e));
+		rd_kafka_error_destroy(e);
+		mtlzd_set_fatal(d);
+		return -1;
+	}
+	atomic_fetch_add(&d->cnt.txn_aborted, 1);
+	mtlz_log(MTLZ_LOG_WARN, "event=txn_aborted results=%d dead_letters=%d detail=\"rewinding "
+		 "to the last committed offsets\"", s->n, s->n_dead);
+	return 1;
+}
+
+void mtlzd_txn_rewind(struct mtlzd *d)
+{
+	rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(8);
+	rd_kafka_error_t *e;
+
+	/* the open slot was read past the aborted batch: drop it */
+	pthread_mutex_lock(&d->lock);
+	if (d->open_slot >= 0) {
+		mtlzd_slot_release(&d->slots[d->open_slot]);
+		d->free_q[d->n_free++] = d->open_slot;
+		d->open_slot = -1;
+	}
+	/* the infer thread drops every slot handed over while rewinding */
+	while (d->busy > 0 && !atomic_load(&d->fatal))
+		pthread_cond_wait(&d->cond_free, &d->lock);
+	for (int p = 0; p < d->n_txn_pos; p++)
+		if (d->txn_pos[p] >= 0)
+			rd_kafka_topic_partition_list_add(l, d->conf->topics_input, p)->offset =
+				d->txn_pos[p];
+	pthread_mutex_unlock(&d->lock);
+	if (atomic_load(&d->fatal))
+		goto out;
+	/* seeking purges what was fetched past these positions */
+	e = rd_kafka_seek_partitions(d->consumer, l, TXN_TIMEOUT_MS);
+	if (e) {
+		mtlz_log(MTLZ_LOG_ERROR, "event=rewind_failed error=\"%s\"", rd_kafka_error_string(e));
+		rd_kafka_error_destroy(e);
+		mtlzd_set_fatal(d);
+		goto out;
+	}
+	for (int i = 0; i < l->cnt; i++)
+		if (l->elems[i].err) {
+			mtlz_log(MTLZ_LOG_ERROR, "event=rewind_failed partition=%" PRId32 " error=\"%s\"",
+				 l->elems[i].partition, rd_kafka_err2str(l->elems[i].err));
+			mtlzd_set_fatal(d);
+			goto out;
+		}
+	atomic_fetch_add(&d->cnt.rewinds, 1);
+	mtlz_log(MTLZ_LOG_INFO, "event=rewound partitions=%d", l->cnt);
+	atomic_store(&d->rewind, 0);
+out:
+	rd_kafka_topic_partition_list_destroy(l);
+}
