@@ -606,10 +606,10 @@ out_trunc:
 /* ------------------------------------------------------------------ */
 /* Our schemas, the registry, the writer-schema cache                  */
 
-enum { TARGET_SPECTRUM = 0, TARGET_RESULT = 1 };
+enum { TARGET_SPECTRUM = 0, TARGET_RESULT = 1, TARGET_LABELLED = 2, N_TARGETS = 3 };
 enum { KEY_FP = 0, KEY_ID = 1, KEY_TEXT = 2 };
 
-/* One of our own schemas (spectrum.avsc, result.avsc). */
+/* One of our own schemas (spectrum.avsc, result.avsc, labelled_spectrum.avsc). */
 struct ours {
 	const char *what;           /* "spectrum.avsc" */
 	json_t *json;
@@ -647,7 +647,7 @@ struct known_schema {
 };
 
 struct mtlz_avro {
-	struct ours ours[2];
+	struct ours ours[N_TARGETS];
 	char *registry_dir;
 	struct known_schema *known;
 	size_t n_known;
@@ -1588,8 +1588,8 @@ static int direct_union(struct cur *c, int64_t n_branches, int64_t *branch)
 
 /* Decodes a datum written with exactly our spectrum.avsc (same canonical
  * form), field by field in schema order. */
-static int direct_spectrum(struct cur *c, mtlz_spectrum *s, struct lens *l, char *errstr,
-			   size_t errstr_size)
+static int direct_spectrum_fields(struct cur *c, mtlz_spectrum *s, struct lens *l,
+				  char *errstr, size_t errstr_size)
 {
 	const uint8_t *id, *survey, *k, *v;
 	size_t id_len, survey_len, kl, vl;
@@ -1659,15 +1659,29 @@ static int direct_spectrum(struct cur *c, mtlz_spectrum *s, struct lens *l, char
 			if (cur_bytes(c, &k, &kl) || cur_bytes(c, &v, &vl))
 				goto out_trunc;
 	}
-	if (c->p != c->end)
-		return mtlz_err(errstr, errstr_size, MTLZ_DECODE_AVRO,
-				"spec_id %s: %zu bytes after the datum", s->spec_id, cur_left(c));
 	return MTLZ_DECODE_OK;
 
 out_trunc:
 	return mtlz_err(errstr, errstr_size, MTLZ_DECODE_AVRO,
 			"spectrum datum truncated or malformed %zu bytes before its end",
 			cur_left(c));
+}
+
+static int datum_end(const struct cur *c, const mtlz_spectrum *s, char *errstr,
+		     size_t errstr_size)
+{
+	if (c->p != c->end)
+		return mtlz_err(errstr, errstr_size, MTLZ_DECODE_AVRO,
+				"spec_id %s: %zu bytes after the datum", s->spec_id, cur_left(c));
+	return MTLZ_DECODE_OK;
+}
+
+static int direct_spectrum(struct cur *c, mtlz_spectrum *s, struct lens *l, char *errstr,
+			   size_t errstr_size)
+{
+	int rc = direct_spectrum_fields(c, s, l, errstr, errstr_size);
+
+	return rc ? rc : datum_end(c, s, errstr, errstr_size);
 }
 
 /* Generic-value helpers: a missing field (defaulted away) returns -1. */
@@ -2149,7 +2163,9 @@ mtlz_avro *mtlz_avro_new(const char *schemas_dir, const char *registry_dir,
 	a->fast_path = 1;
 	if (ours_load(&a->ours[TARGET_SPECTRUM], schemas_dir, "spectrum.avsc", errstr,
 		      errstr_size) ||
-	    ours_load(&a->ours[TARGET_RESULT], schemas_dir, "result.avsc", errstr, errstr_size))
+	    ours_load(&a->ours[TARGET_RESULT], schemas_dir, "result.avsc", errstr, errstr_size) ||
+	    ours_load(&a->ours[TARGET_LABELLED], schemas_dir, "labelled_spectrum.avsc", errstr,
+		      errstr_size))
 		goto out_free;
 	if (registry_dir) {
 		a->registry_dir = strdup(registry_dir);
@@ -2181,6 +2197,7 @@ void mtlz_avro_free(mtlz_avro *a)
 		wschema_free(a->cache[i]);
 	ours_free(&a->ours[TARGET_SPECTRUM]);
 	ours_free(&a->ours[TARGET_RESULT]);
+	ours_free(&a->ours[TARGET_LABELLED]);
 	known_free(a);
 	free(a->registry_dir);
 	if (a->reader)
@@ -2209,6 +2226,258 @@ void mtlz_avro_set_max_message_bytes(mtlz_avro *a, size_t max_bytes)
 void mtlz_avro_set_fast_path(mtlz_avro *a, int on)
 {
 	a->fast_path = on;
+}
+
+/* ------------------------------------------------------------------ */
+/* Labels (labelled_spectrum.avsc after its spectrum field)            */
+
+static void copy_text(char *dst, size_t size, const void *src, size_t len)
+{
+	if (len >= size)
+		len = size - 1;     /* truncated (labels.h) */
+	memcpy(dst, src, len);
+	dst[len] = '\0';
+	for (size_t i = 0; i < len; i++)
+		if (dst[i] == '\0')
+			dst[i] = ' ';
+}
+
+static void kv_put(mtlz_labels *lb, mtlz_label_kv *kv, int *n, const void *k, size_t kl,
+		   const void *v, size_t vl)
+{
+	if (*n >= MTLZ_LABEL_KV_MAX) {
+		lb->n_dropped++;
+		return;
+	}
+	copy_text(kv[*n].key, sizeof(kv[*n].key), k, kl);
+	copy_text(kv[*n].value, sizeof(kv[*n].value), v, vl);
+	(*n)++;
+}
+
+static int direct_opt_double(struct cur *c, double *x)
+{
+	int64_t b;
+
+	*x = NAN;
+	if (direct_union(c, 2, &b))
+		return -1;
+	return b == 1 ? cur_double(c, x) : 0;
+}
+
+static int direct_map(struct cur *c, mtlz_labels *lb, mtlz_label_kv *kv, int *n)
+{
+	const uint8_t *k, *v;
+	size_t kl, vl;
+	uint64_t count;
+
+	for (;;) {
+		if (cur_block(c, &count))
+			return -1;
+		if (count == 0)
+			return 0;
+		if (count > cur_left(c))
+			return -1;
+		for (uint64_t i = 0; i < count; i++) {
+			if (cur_bytes(c, &k, &kl) || cur_bytes(c, &v, &vl))
+				return -1;
+			kv_put(lb, kv, n, k, kl, v, vl);
+		}
+	}
+}
+
+/* The label fields in our schema's order (after walk_datum checked them). */
+static int direct_labels(struct cur *c, mtlz_labels *lb, char *errstr, size_t errstr_size)
+{
+	const uint8_t *p;
+	size_t len;
+	int64_t b, sym;
+
+	mtlz_labels_init(lb);
+	if (direct_union(c, 2, &b) || (b == 1 && (cur_long(c, &sym) || sym < 0 ||
+						  sym >= MTLZ_N_CLASSES)))
+		goto out_bad;
+	lb->cls = b == 1 ? (int)sym : MTLZ_CLASS_NONE;
+	if (direct_opt_double(c, &lb->oh) || direct_opt_double(c, &lb->oh_err) ||
+	    direct_opt_double(c, &lb->log_mass) || direct_opt_double(c, &lb->z) ||
+	    direct_opt_double(c, &lb->sn_r))
+		goto out_bad;
+	if (cur_bytes(c, &p, &len))
+		goto out_bad;
+	copy_text(lb->source_name, sizeof(lb->source_name), p, len);
+	if (cur_bytes(c, &p, &len))
+		goto out_bad;
+	copy_text(lb->source_version, sizeof(lb->source_version), p, len);
+	if (cur_bytes(c, &p, &len))
+		goto out_bad;
+	copy_text(lb->source_method, sizeof(lb->source_method), p, len);
+	if (direct_map(c, lb, lb->params, &lb->n_params) ||
+	    direct_map(c, lb, lb->survey, &lb->n_survey))
+		goto out_bad;
+	return MTLZ_DECODE_OK;
+
+out_bad:
+	return mtlz_err(errstr, errstr_size, MTLZ_DECODE_AVRO,
+			"label fields truncated or malformed %zu bytes before the end",
+			cur_left(c));
+}
+
+static void gv_opt_double(avro_value_t *rec, const char *name, double *x)
+{
+	avro_value_t v;
+
+	*x = NAN;
+	if (gv_present(rec, name, &v) && avro_value_get_double(&v, x))
+		*x = NAN;
+}
+
+static void gv_text(avro_value_t *rec, const char *name, char *dst, size_t size)
+{
+	const char *s;
+	size_t len;
+
+	if (gv_string(rec, name, &s, &len) == 0)
+		copy_text(dst, size, s, len);
+}
+
+static void gv_map(avro_value_t *rec, const char *name, mtlz_labels *lb, mtlz_label_kv *kv,
+		   int *n)
+{
+	avro_value_t m, v;
+	size_t count, vl;
+	const char *key, *s;
+
+	if (gv_field(rec, name, &m) || avro_value_get_size(&m, &count))
+		return;
+	for (size_t i = 0; i < count; i++)
+		if (avro_value_get_by_index(&m, i, &v, &key) == 0 &&
+		    avro_value_get_string(&v, &s, &vl) == 0)
+			kv_put(lb, kv, n, key, strlen(key), s, vl ? vl - 1 : 0);
+}
+
+static int generic_labels(avro_value_t *rec, mtlz_labels *lb, char *errstr,
+			  size_t errstr_size)
+{
+	avro_value_t v;
+	int sym;
+
+	mtlz_labels_init(lb);
+	if (gv_present(rec, "class", &v)) {
+		if (avro_value_get_enum(&v, &sym) || sym < 0 || sym >= MTLZ_N_CLASSES)
+			return mtlz_err(errstr, errstr_size, MTLZ_DECODE_AVRO,
+					"class label is not one of the four classes");
+		lb->cls = sym;
+	}
+	gv_opt_double(rec, "metallicity", &lb->oh);
+	gv_opt_double(rec, "metallicity_err", &lb->oh_err);
+	gv_opt_double(rec, "log_stellar_mass", &lb->log_mass);
+	gv_opt_double(rec, "redshift", &lb->z);
+	gv_opt_double(rec, "sn_r", &lb->sn_r);
+	if (gv_field(rec, "label_source", &v) == 0) {
+		gv_text(&v, "name", lb->source_name, sizeof(lb->source_name));
+		gv_text(&v, "version", lb->source_version, sizeof(lb->source_version));
+		gv_text(&v, "method", lb->source_method, sizeof(lb->source_method));
+		gv_map(&v, "parameters", lb, lb->params, &lb->n_params);
+	}
+	gv_map(rec, "survey_labels", lb, lb->survey, &lb->n_survey);
+	return MTLZ_DECODE_OK;
+}
+
+/* Encoding: a growable byte buffer. */
+struct obuf {
+	uint8_t *p;
+	size_t len, cap;
+	int oom;
+};
+
+static uint8_t *ob_room(struct obuf *b, size_t n)
+{
+	if (b->len + n > b->cap) {
+		size_t cap = b->cap ? b->cap : 4096;
+		uint8_t *q;
+
+		while (cap < b->len + n)
+			cap *= 2;
+		q = realloc(b->p, cap);
+		if (!q) {
+			b->oom = 1;
+			return NULL;
+		}
+		b->p = q;
+		b->cap = cap;
+	}
+	return b->p + b->len;
+}
+
+static void ob_long(struct obuf *b, int64_t v)
+{
+	uint8_t *p = ob_room(b, 10);
+
+	if (p)
+		b->len += put_long(p, v);
+}
+
+static void ob_bytes(struct obuf *b, const void *s, size_t n)
+{
+	uint8_t *p = ob_room(b, 10 + n);
+
+	if (p)
+		b->len += put_bytes(p, s, n);
+}
+
+static void ob_str(struct obuf *b, const char *s)
+{
+	ob_bytes(b, s, strlen(s));
+}
+
+static void ob_opt_double(struct obuf *b, double x)
+{
+	uint8_t *p;
+	uint64_t u;
+
+	if (!isfinite(x)) {
+		ob_long(b, 0);
+		return;
+	}
+	ob_long(b, 1);
+	p = ob_room(b, 8);
+	if (!p)
+		return;
+	memcpy(&u, &x, 8);
+	for (int i = 0; i < 8; i++)
+		p[i] = (uint8_t)(u >> (8 * i));
+	b->len += 8;
+}
+
+static void ob_map(struct obuf *b, const mtlz_label_kv *kv, int n)
+{
+	if (n > 0) {
+		ob_long(b, n);
+		for (int i = 0; i < n; i++) {
+			ob_str(b, kv[i].key);
+			ob_str(b, kv[i].value);
+		}
+	}
+	ob_long(b, 0);
+}
+
+static void encode_labels(struct obuf *b, const mtlz_labels *lb)
+{
+	if (lb->cls >= 0 && lb->cls < MTLZ_N_CLASSES) {
+		ob_long(b, 1);
+		ob_long(b, lb->cls);
+	} else {
+		ob_long(b, 0);
+	}
+	ob_opt_double(b, lb->oh);
+	ob_opt_double(b, lb->oh_err);
+	ob_opt_double(b, lb->log_mass);
+	ob_opt_double(b, lb->z);
+	ob_opt_double(b, lb->sn_r);
+	ob_str(b, lb->source_name);
+	ob_str(b, lb->source_version);
+	ob_str(b, lb->source_method);
+	ob_map(b, lb->params, lb->n_params);
+	ob_map(b, lb->survey, lb->n_survey);
 }
 
 /* ------------------------------------------------------------------ */
@@ -2322,13 +2591,31 @@ static int inflate_block(const uint8_t *in, size_t in_len, uint8_t **out, size_t
 		}
 	}
 	inflateEnd(&z);
-	return z.avail_in == 0 ? 0 : -1;
+	/* Python's avro (1.11) writes zlib.compress(data)[2:-1]: the raw stream
+	 * followed by 3 bytes of the zlib trailer; other writers add nothing. */
+	return z.avail_in <= 4 ? 0 : -1;
 }
 
-int mtlz_avro_read_container(mtlz_avro *a, const char *path,
-			     int (*fn)(void *opaque, const mtlz_spectrum *s), void *opaque,
-			     char *errstr, size_t errstr_size)
+/* The record name of a writer schema text ("LabelledSpectrum"...), or "". */
+static void schema_name(const char *text, size_t len, char *out, size_t size)
 {
+	json_t *root = json_loadb(text, len, JSON_DECODE_ANY, NULL);
+	const char *n = json_is_object(root) ?
+		json_string_value(json_object_get(root, "name")) : NULL;
+	const char *dot = n ? strrchr(n, '.') : NULL;
+
+	snprintf(out, size, "%s", dot ? dot + 1 : n ? n : "");
+	json_decref(root);
+}
+
+int mtlz_avro_read_archive_file(mtlz_avro *a, const char *path,
+				int (*fn)(void *opaque, const mtlz_spectrum *s,
+					  const mtlz_labels *labels),
+				void *opaque, char *errstr, size_t errstr_size)
+{
+	char rec_name[64];
+	int labelled, target;
+	mtlz_labels lb;
 	struct cfile cf = { NULL, path, 0 };
 	struct stat st;
 	char magic[4], *schema = NULL, *codec = NULL, *key = NULL, *val = NULL;
@@ -2399,7 +2686,10 @@ int mtlz_avro_read_container(mtlz_avro *a, const char *path,
 			      codec);
 		goto out;
 	}
-	e = writer_lookup(a, TARGET_SPECTRUM, KEY_TEXT, mtlz_avro_crc64(schema, schema_len),
+	schema_name(schema, schema_len, rec_name, sizeof(rec_name));
+	labelled = strcmp(rec_name, "LabelledSpectrum") == 0;
+	target = labelled ? TARGET_LABELLED : TARGET_SPECTRUM;
+	e = writer_lookup(a, target, KEY_TEXT, mtlz_avro_crc64(schema, schema_len),
 			  schema, schema_len, &cls, errstr, errstr_size);
 	if (!e) {
 		char msg[400];
@@ -2454,12 +2744,24 @@ int mtlz_avro_read_container(mtlz_avro *a, const char *path,
 			datum.end = c.p;
 			mtlz_spectrum_clear(&s);
 			if (e->direct && a->fast_path) {
-				cls = direct_spectrum(&datum, &s, &l, errstr, errstr_size);
-			} else {
-				cls = generic_read(a, e, &datum, errstr, errstr_size);
+				cls = direct_spectrum_fields(&datum, &s, &l, errstr, errstr_size);
+				if (!cls && labelled)
+					cls = direct_labels(&datum, &lb, errstr, errstr_size);
 				if (!cls)
-					cls = generic_spectrum(&e->reader_value, &s, &l, errstr,
-							       errstr_size);
+					cls = datum_end(&datum, &s, errstr, errstr_size);
+			} else {
+				avro_value_t sv;
+
+				cls = generic_read(a, e, &datum, errstr, errstr_size);
+				if (!cls && labelled && gv_field(&e->reader_value, "spectrum", &sv))
+					cls = mtlz_err(errstr, errstr_size, MTLZ_DECODE_AVRO,
+						       "record has no spectrum field");
+				else if (!cls)
+					cls = generic_spectrum(labelled ? &sv : &e->reader_value,
+							       &s, &l, errstr, errstr_size);
+				if (!cls && labelled)
+					cls = generic_labels(&e->reader_value, &lb, errstr,
+							     errstr_size);
 			}
 			if (!cls)
 				cls = spectrum_check(&s, &l, errstr, errstr_size);
@@ -2474,7 +2776,7 @@ int mtlz_avro_read_container(mtlz_avro *a, const char *path,
 			}
 			s.n = l.flux;
 			snprintf(s.source, sizeof(s.source), "%.200s[%zu]", path, index);
-			rc = fn(opaque, &s);
+			rc = fn(opaque, &s, labelled ? &lb : NULL);
 			if (rc)
 				goto out;
 		}
@@ -2536,6 +2838,28 @@ static int deflate_block(const uint8_t *in, size_t in_len, uint8_t **out, size_t
 	return 0;
 }
 
+struct container_adapter {
+	int (*fn)(void *opaque, const mtlz_spectrum *s);
+	void *opaque;
+};
+
+static int container_adapt(void *opaque, const mtlz_spectrum *s, const mtlz_labels *l)
+{
+	const struct container_adapter *ad = opaque;
+
+	(void)l;
+	return ad->fn(ad->opaque, s);
+}
+
+int mtlz_avro_read_container(mtlz_avro *a, const char *path,
+			     int (*fn)(void *opaque, const mtlz_spectrum *s), void *opaque,
+			     char *errstr, size_t errstr_size)
+{
+	struct container_adapter ad = { fn, opaque };
+
+	return mtlz_avro_read_archive_file(a, path, container_adapt, &ad, errstr, errstr_size);
+}
+
 static int put_block(FILE *f, const struct ours *o, size_t count, const uint8_t *p, size_t n)
 {
 	uint8_t h[20];
@@ -2546,90 +2870,200 @@ static int put_block(FILE *f, const struct ours *o, size_t count, const uint8_t 
 	       fwrite(o->sync, 1, 16, f) != 16;
 }
 
-int mtlz_avro_write_container(mtlz_avro *a, const char *path, const mtlz_spectrum *s,
-			      size_t n, const char *codec, char *errstr, size_t errstr_size)
-{
-	const struct ours *o = &a->ours[TARGET_SPECTRUM];
-	const size_t block_target = 4u << 20;
-	uint8_t *hdr, *blk = NULL, *z = NULL, *buf;
-	size_t hl = 0, blen = 0, bcap = 0, zcap = 0, zlen, len, in_block = 0;
-	int use_deflate, rc = MTLZ_OK;
+struct mtlz_avro_writer {
+	mtlz_avro *a;
 	FILE *f;
+	char *path, *tmp;
+	int target, deflate;
+	struct obuf blk;            /* the block being filled, uncompressed */
+	uint8_t *z;
+	size_t zcap, in_block;
+	uint64_t records;
+};
+
+#define MTLZ_AVRO_BLOCK_TARGET (4u << 20)
+
+mtlz_avro_writer *mtlz_avro_writer_open(mtlz_avro *a, const char *path, const char *codec,
+					int labelled, char *errstr, size_t errstr_size)
+{
+	mtlz_avro_writer *w;
+	const struct ours *o = &a->ours[labelled ? TARGET_LABELLED : TARGET_SPECTRUM];
+	struct obuf h = { 0 };
 
 	if (!codec)
 		codec = "null";
-	use_deflate = strcmp(codec, "deflate") == 0;
-	if (!use_deflate && strcmp(codec, "null") != 0)
+	if (strcmp(codec, "deflate") != 0 && strcmp(codec, "null") != 0) {
+		mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID,
+			 "%s: codec \"%s\" not supported (null, deflate)", path, codec);
+		return NULL;
+	}
+	w = calloc(1, sizeof(*w));
+	if (w) {
+		w->path = strdup(path);
+		w->tmp = malloc(strlen(path) + 5);
+	}
+	if (!w || !w->path || !w->tmp) {
+		if (w) {
+			free(w->path);
+			free(w->tmp);
+		}
+		free(w);
+		mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory");
+		return NULL;
+	}
+	sprintf(w->tmp, "%s.tmp", path);
+	w->a = a;
+	w->target = labelled ? TARGET_LABELLED : TARGET_SPECTRUM;
+	w->deflate = strcmp(codec, "deflate") == 0;
+	if (!ob_room(&h, 4))
+		goto out_nomem;
+	memcpy(h.p, "Obj\x01", 4);
+	h.len = 4;
+	ob_long(&h, 2);
+	ob_str(&h, "avro.schema");
+	ob_bytes(&h, o->text, o->text_len);
+	ob_str(&h, "avro.codec");
+	ob_str(&h, codec);
+	ob_long(&h, 0);
+	if (!ob_room(&h, 16))
+		goto out_nomem;
+	memcpy(h.p + h.len, o->sync, 16);
+	h.len += 16;
+	if (h.oom)
+		goto out_nomem;
+	w->f = fopen(w->tmp, "wb");
+	if (!w->f) {
+		mtlz_err(errstr, errstr_size, MTLZ_ERR_IO, "%s: %s", w->tmp, strerror(errno));
+		goto out_free;
+	}
+	if (fwrite(h.p, 1, h.len, w->f) != h.len) {
+		mtlz_err(errstr, errstr_size, MTLZ_ERR_IO, "%s: write error: %s", w->tmp,
+			 strerror(errno));
+		goto out_free;
+	}
+	free(h.p);
+	return w;
+
+out_nomem:
+	mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory");
+out_free:
+	free(h.p);
+	mtlz_avro_writer_abort(w);
+	return NULL;
+}
+
+static int writer_flush(mtlz_avro_writer *w, char *errstr, size_t errstr_size)
+{
+	const uint8_t *p = w->blk.p;
+	size_t len = w->blk.len;
+
+	if (!w->in_block)
+		return MTLZ_OK;
+	if (w->deflate) {
+		if (deflate_block(w->blk.p, w->blk.len, &w->z, &w->zcap, &len))
+			return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "%s: deflate failed",
+					w->path);
+		p = w->z;
+	}
+	if (put_block(w->f, &w->a->ours[w->target], w->in_block, p, len))
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_IO, "%s: write error: %s", w->tmp,
+				strerror(errno));
+	w->in_block = 0;
+	w->blk.len = 0;
+	return MTLZ_OK;
+}
+
+int mtlz_avro_writer_append(mtlz_avro_writer *w, const mtlz_spectrum *s,
+			    const mtlz_labels *labels, char *errstr, size_t errstr_size)
+{
+	uint8_t *buf, *p;
+	size_t len;
+	int rc;
+
+	if ((w->target == TARGET_LABELLED) != (labels != NULL))
 		return mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID,
-				"%s: codec \"%s\" not supported (null, deflate)", path, codec);
-	hdr = malloc(4 + 10 + 2 * 32 + 10 + o->text_len + 16 + 10 + 16);
-	if (!hdr)
-		return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory");
-	memcpy(hdr, "Obj\x01", 4);
-	hl = 4;
-	hl += put_long(hdr + hl, 2);
-	hl += put_bytes(hdr + hl, "avro.schema", 11);
-	hl += put_bytes(hdr + hl, o->text, o->text_len);
-	hl += put_bytes(hdr + hl, "avro.codec", 10);
-	hl += put_bytes(hdr + hl, codec, strlen(codec));
-	hl += put_long(hdr + hl, 0);
-	memcpy(hdr + hl, o->sync, 16);
-	hl += 16;
-	f = fopen(path, "wb");
-	if (!f) {
-		free(hdr);
-		return mtlz_err(errstr, errstr_size, MTLZ_ERR_IO, "%s: %s", path, strerror(errno));
-	}
-	if (fwrite(hdr, 1, hl, f) != hl)
-		goto out_io;
-	for (size_t i = 0; i <= n; i++) {
-		if (in_block && (i == n || blen >= block_target)) {
-			const uint8_t *p = blk;
-
-			len = blen;
-			if (use_deflate) {
-				if (deflate_block(blk, blen, &z, &zcap, &zlen)) {
-					rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM,
-						      "%s: deflate failed", path);
-					goto out;
-				}
-				p = z;
-				len = zlen;
-			}
-			if (put_block(f, o, in_block, p, len))
-				goto out_io;
-			in_block = blen = 0;
-		}
-		if (i == n)
-			break;
-		rc = mtlz_avro_encode_spectrum(a, &s[i], MTLZ_FRAMING_SINGLE_OBJECT, 0, &buf, &len,
-					       errstr, errstr_size);
-		if (rc)
-			goto out;
-		if (grow(&blk, &bcap, blen + len)) {
-			free(buf);
-			rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory");
-			goto out;
-		}
-		memcpy(blk + blen, buf + 10, len - 10);   /* datum without the 10-byte header */
-		blen += len - 10;
-		in_block++;
-		free(buf);
-	}
-	if (fflush(f) || ferror(f))
-		goto out_io;
-	goto out;
-
-out_io:
-	rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_IO, "%s: write error: %s", path,
-		      strerror(errno));
-out:
-	if (fclose(f) && rc == MTLZ_OK)
-		rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_IO, "%s: %s", path, strerror(errno));
+				"%s: labels %s for this archive", w->path,
+				labels ? "not expected" : "required");
+	rc = mtlz_avro_encode_spectrum(w->a, s, MTLZ_FRAMING_SINGLE_OBJECT, 0, &buf, &len,
+				       errstr, errstr_size);
 	if (rc)
-		unlink(path);
-	free(hdr);
-	free(blk);
-	free(z);
+		return rc;
+	p = ob_room(&w->blk, len - 10);
+	if (p) {   /* the datum without the 10-byte single-object header */
+		memcpy(p, buf + 10, len - 10);
+		w->blk.len += len - 10;
+	}
+	free(buf);
+	if (labels)
+		encode_labels(&w->blk, labels);
+	if (w->blk.oom)
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory");
+	w->in_block++;
+	w->records++;
+	if (w->blk.len >= MTLZ_AVRO_BLOCK_TARGET)
+		return writer_flush(w, errstr, errstr_size);
+	return MTLZ_OK;
+}
+
+uint64_t mtlz_avro_writer_records(const mtlz_avro_writer *w)
+{
+	return w->records;
+}
+
+void mtlz_avro_writer_abort(mtlz_avro_writer *w)
+{
+	if (!w)
+		return;
+	if (w->f) {
+		fclose(w->f);
+		unlink(w->tmp);
+	}
+	free(w->blk.p);
+	free(w->z);
+	free(w->path);
+	free(w->tmp);
+	free(w);
+}
+
+int mtlz_avro_writer_close(mtlz_avro_writer *w, char *errstr, size_t errstr_size)
+{
+	int rc = writer_flush(w, errstr, errstr_size);
+
+	if (!rc && (fflush(w->f) || ferror(w->f)))
+		rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_IO, "%s: write error: %s", w->tmp,
+			      strerror(errno));
+	if (!rc) {
+		FILE *f = w->f;
+
+		w->f = NULL;
+		if (fclose(f))
+			rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_IO, "%s: %s", w->tmp,
+				      strerror(errno));
+		else if (rename(w->tmp, w->path))
+			rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_IO, "rename %s: %s", w->path,
+				      strerror(errno));
+		if (rc)
+			unlink(w->tmp);
+	}
+	mtlz_avro_writer_abort(w);
 	return rc;
+}
+
+int mtlz_avro_write_container(mtlz_avro *a, const char *path, const mtlz_spectrum *s,
+			      size_t n, const char *codec, char *errstr, size_t errstr_size)
+{
+	mtlz_avro_writer *w = mtlz_avro_writer_open(a, path, codec, 0, errstr, errstr_size);
+
+	if (!w)
+		return codec && strcmp(codec, "null") && strcmp(codec, "deflate") ?
+			MTLZ_ERR_INVALID : MTLZ_ERR_IO;
+	for (size_t i = 0; i < n; i++) {
+		int rc = mtlz_avro_writer_append(w, &s[i], NULL, errstr, errstr_size);
+
+		if (rc) {
+			mtlz_avro_writer_abort(w);
+			return rc;
+		}
+	}
+	return mtlz_avro_writer_close(w, errstr, errstr_size);
 }

@@ -20,6 +20,7 @@
 #ifndef MTLZ_AVRO_IO_H
 #define MTLZ_AVRO_IO_H
 
+#include "labels.h"
 #include "spectrum.h"
 
 #include <stddef.h>
@@ -142,5 +143,30 @@ int mtlz_avro_read_container(mtlz_avro *a, const char *path,
  * MTLZ_ERR_INVALID / MTLZ_ERR_IO / MTLZ_ERR_NOMEM (the file is removed). */
 int mtlz_avro_write_container(mtlz_avro *a, const char *path, const mtlz_spectrum *s,
 			      size_t n, const char *codec, char *errstr, size_t errstr_size);
+
+/* Like mtlz_avro_read_container, for archive files of either
+ * spectrum.avsc or labelled_spectrum.avsc records (told by the writer
+ * schema's record name): fn gets labels = NULL for plain spectra. A labelled
+ * writer schema may add or drop top-level label fields that have defaults. */
+int mtlz_avro_read_archive_file(mtlz_avro *a, const char *path,
+				int (*fn)(void *opaque, const mtlz_spectrum *s,
+					  const mtlz_labels *labels),
+				void *opaque, char *errstr, size_t errstr_size);
+
+/* Streaming writer of one object-container file, block by block (about
+ * 4 MB before compression), into "<path>.tmp", renamed to path by close()
+ * so that readers never see half a file. labelled: records of
+ * labelled_spectrum.avsc (append() needs labels) rather than spectrum.avsc. */
+typedef struct mtlz_avro_writer mtlz_avro_writer;
+
+mtlz_avro_writer *mtlz_avro_writer_open(mtlz_avro *a, const char *path, const char *codec,
+					int labelled, char *errstr, size_t errstr_size);
+int mtlz_avro_writer_append(mtlz_avro_writer *w, const mtlz_spectrum *s,
+			    const mtlz_labels *labels, char *errstr, size_t errstr_size);
+uint64_t mtlz_avro_writer_records(const mtlz_avro_writer *w);
+/* Writes the last block, closes and renames; frees w in every case. */
+int mtlz_avro_writer_close(mtlz_avro_writer *w, char *errstr, size_t errstr_size);
+/* Drops the file (the temporary one); frees w. Accepts NULL. */
+void mtlz_avro_writer_abort(mtlz_avro_writer *w);
 
 #endif

@@ -26,6 +26,7 @@ static const char usage[] =
 	"  info        architecture, parameter count and metadata of a model\n"
 	"  init        write a randomly initialised (untrained) model\n"
 	"  consume     print mtlzd's results from a Kafka topic\n"
+	"  import      labelled spectra from JSON lines / CSV into a training archive\n"
 	"\n"
 	"Run 'mtlz <command> --help' for a command's options.\n"
 	"options: --help, --version\n";
@@ -79,6 +80,7 @@ int main(int argc, char **argv)
 		{ "classify", cmd_classify }, { "preprocess", cmd_preprocess },
 		{ "bench", cmd_bench },       { "info", cmd_info },
 		{ "init", cmd_init },         { "consume", cmd_consume },
+		{ "import", cmd_import },
 	};
 
 	if (argc < 2) {
