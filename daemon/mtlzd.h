@@ -38,6 +38,7 @@
 #include <stdint.h>
 
 #define MTLZD_SLOTS 3
+#define MTLZD_TXN_MAX_ABORTS 6   /* consecutive aborted transactions: give up */
 #define MTLZD_STAR_FORMING 1  /* class index (checked against the model at start) */
 
 /* Dead-letter reason classes: decode errors, then preprocessing rejects. */
@@ -75,11 +76,18 @@ struct mtlzd_item {
 	uint32_t flags;
 };
 
-/* A dead letter deferred to its slot's transaction (exactly_once). */
+/* A dead-letter record, ready to produce: the original value and key
+ * (truncated to fit the producer's message.max.bytes, see the headers) and
+ * the original headers plus mtlz.error.* / mtlz.source.*. Deferred to its
+ * slot's transaction in exactly_once, with value and key copied (buf) so
+ * that no consumer message is held. */
 struct mtlzd_dead {
-	rd_kafka_message_t *m;    /* the original message, owned */
-	int reason;
-	char detail[256];
+	const void *value, *key;
+	size_t value_len, key_len;
+	rd_kafka_headers_t *hdrs;  /* owned until produced */
+	int32_t partition;
+	int64_t offset;
+	void *buf;                 /* owned copy of value + key (deferred only) */
 };
 
 struct mtlzd_slot {
@@ -90,7 +98,6 @@ struct mtlzd_slot {
 	struct mtlzd_item *items; /* [max_batch] */
 	mtlz_output *out;         /* [max_batch] */
 	struct mtlzd_dead *dead;  /* [max_batch] */
-	rd_kafka_consumer_group_metadata_t *cgmd; /* taken when the slot closes */
 };
 
 struct mtlzd {
@@ -126,6 +133,8 @@ struct mtlzd {
 	 * partition was assigned); -1 = unknown. Under lock. */
 	int eos;
 	char txn_id[256];
+	size_t dlq_max_value;         /* dead-letter values are cut to this */
+	int txn_failures;             /* consecutive aborts (infer thread) */
 	int64_t *txn_pos;
 	int n_txn_pos;
 	atomic_int rewind;            /* a transaction aborted: rewind */
@@ -150,10 +159,10 @@ void mtlzd_destroy(struct mtlzd *d);
 const char *mtlzd_reason_name(int r);
 
 /* pipeline.c, shared with txn.c */
+int64_t mtlzd_now_us(void);  /* CLOCK_REALTIME, microseconds */
 void mtlzd_set_fatal(struct mtlzd *d);
 int mtlzd_publish_results(struct mtlzd *d, struct mtlzd_slot *s);
-int mtlzd_dead_letter_send(struct mtlzd *d, const rd_kafka_message_t *m, int reason,
-			   const char *detail);
+int mtlzd_dead_letter_send(struct mtlzd *d, struct mtlzd_dead *dl);
 void mtlzd_slot_release(struct mtlzd_slot *s);
 
 /* txn.c: exactly_once */

@@ -27,7 +27,7 @@ const char *mtlzd_reason_name(int r)
 	return r >= 0 && r < MTLZD_N_REASONS ? reason_names[r] : "unknown";
 }
 
-static int64_t now_us(void)
+int64_t mtlzd_now_us(void)
 {
 	struct timespec ts;
 
@@ -88,7 +88,12 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
 	int64_t off;
 
 	unpack_po(m->_private, &p, &off);
-	if (m->err && d->eos) {
+	if (d->eos) {
+		/* exactly_once counts results when their transaction commits;
+		 * messages purged by an abort are expected, not failures */
+		if (!m->err || m->err == RD_KAFKA_RESP_ERR__PURGE_QUEUE ||
+		    m->err == RD_KAFKA_RESP_ERR__PURGE_INFLIGHT)
+			return;
 		/* the transaction fails to commit and is aborted (txn.c) */
 		atomic_fetch_add(&d->cnt.delivery_failed, 1);
 		mtlz_log(MTLZ_LOG_WARN, "event=delivery_failed topic=%s partition=%" PRId32
@@ -144,10 +149,24 @@ static int produce(struct mtlzd *d, const char *topic, const void *val, size_t l
 	return 0;
 }
 
-/* Sends the original message to the dead-letter topic with the reason.
- * @locality consume thread (at_least_once), infer thread (exactly_once) */
-int mtlzd_dead_letter_send(struct mtlzd *d, const rd_kafka_message_t *m, int reason,
-			   const char *detail)
+/* Produces a dead-letter record (headers handed over to librdkafka or
+ * freed). @locality consume thread (at_least_once), infer thread
+ * (exactly_once) */
+int mtlzd_dead_letter_send(struct mtlzd *d, struct mtlzd_dead *dl)
+{
+	rd_kafka_headers_t *h = dl->hdrs;
+
+	dl->hdrs = NULL;
+	if (produce(d, d->conf->topics_dead_letter, dl->value, dl->value_len, dl->key,
+		    dl->key_len, h, pack_po(dl->partition, dl->offset)) < 0)
+		return -1;
+	atomic_fetch_add(&d->cnt.dlq_produced, 1);
+	return 0;
+}
+
+/* The dead-letter record of m: its value and key (not copied) and headers. */
+static void dead_letter_build(struct mtlzd *d, const rd_kafka_message_t *m, int reason,
+			      const char *detail, struct mtlzd_dead *dl)
 {
 	rd_kafka_headers_t *orig = NULL, *h;
 	char buf[32];
@@ -163,11 +182,20 @@ int mtlzd_dead_letter_send(struct mtlzd *d, const rd_kafka_message_t *m, int rea
 	rd_kafka_header_add(h, "mtlz.source.partition", -1, buf, -1);
 	snprintf(buf, sizeof(buf), "%" PRId64, m->offset);
 	rd_kafka_header_add(h, "mtlz.source.offset", -1, buf, -1);
-	if (produce(d, d->conf->topics_dead_letter, m->payload, m->len, m->key,
-		    m->key_len, h, pack_po(m->partition, m->offset)) < 0)
-		return -1;
-	atomic_fetch_add(&d->cnt.dlq_produced, 1);
-	return 0;
+	memset(dl, 0, sizeof(*dl));
+	dl->value = m->payload;
+	dl->value_len = m->len;
+	dl->key = m->key;
+	dl->key_len = MTLZ_MIN(m->key_len, (size_t)1024);
+	if (dl->value_len > d->dlq_max_value) {
+		/* the producer (and broker) would refuse it: keep the head */
+		snprintf(buf, sizeof(buf), "%zu", m->len);
+		rd_kafka_header_add(h, "mtlz.error.value_truncated_from", -1, buf, -1);
+		dl->value_len = d->dlq_max_value;
+	}
+	dl->hdrs = h;
+	dl->partition = m->partition;
+	dl->offset = m->offset;
 }
 
 static int ensure_open_slot(struct mtlzd *d);
@@ -181,29 +209,42 @@ static int slot_count(const struct mtlzd_slot *s)
 /* Dead-letters m: now (at_least_once), or deferred into the open slot so
  * that it is produced in that slot's transaction (exactly_once). Returns 1
  * when the slot took ownership of m. @locality consume thread */
-static int dead_letter(struct mtlzd *d, rd_kafka_message_t *m, int reason, const char *detail)
+static void dead_letter(struct mtlzd *d, rd_kafka_message_t *m, int reason, const char *detail)
 {
 	struct mtlzd_slot *s;
-	struct mtlzd_dead *dl;
+	struct mtlzd_dead dl, *q;
 
 	atomic_fetch_add(&d->cnt.dlq_by_reason[reason], 1);
 	mtlz_log(MTLZ_LOG_DEBUG, "event=dead_letter partition=%" PRId32 " offset=%" PRId64
 		 " class=%s detail=\"%s\"", m->partition, m->offset,
 		 mtlzd_reason_name(reason), detail);
+	dead_letter_build(d, m, reason, detail, &dl);
 	if (!d->eos) {
-		mtlzd_dead_letter_send(d, m, reason, detail);
-		return 0;
+		mtlzd_dead_letter_send(d, &dl);
+		return;
 	}
-	if (ensure_open_slot(d) < 0)
-		return 0; /* fatal: not processed, so not committed */
+	if (ensure_open_slot(d) < 0) {
+		rd_kafka_headers_destroy(dl.hdrs);
+		return; /* fatal: not processed, so not committed */
+	}
+	dl.buf = malloc(dl.value_len + dl.key_len + 1);
+	if (!dl.buf) {
+		rd_kafka_headers_destroy(dl.hdrs);
+		mtlz_log(MTLZ_LOG_ERROR, "event=out_of_memory detail=\"dead letter\"");
+		mtlzd_set_fatal(d);
+		return;
+	}
+	if (dl.value_len)
+		memcpy(dl.buf, dl.value, dl.value_len);
+	if (dl.key_len)
+		memcpy((char *)dl.buf + dl.value_len, dl.key, dl.key_len);
+	dl.value = dl.buf;
+	dl.key = dl.key ? (char *)dl.buf + dl.value_len : NULL;
 	s = &d->slots[d->open_slot];
-	dl = &s->dead[s->n_dead++];
-	dl->m = m;
-	dl->reason = reason;
-	snprintf(dl->detail, sizeof(dl->detail), "%s", detail);
+	q = &s->dead[s->n_dead++];
+	*q = dl;
 	if (slot_count(s) == d->conf->batch_max_size)
 		close_open_slot(d);
-	return 1;
 }
 
 /* ---- slots ---------------------------------------------------------- */
@@ -212,13 +253,8 @@ static int dead_letter(struct mtlzd *d, rd_kafka_message_t *m, int reason, const
  * @locality consume thread */
 static void close_open_slot(struct mtlzd *d)
 {
-	struct mtlzd_slot *s;
-
 	if (d->open_slot < 0 || slot_count(&d->slots[d->open_slot]) == 0)
 		return;
-	s = &d->slots[d->open_slot];
-	if (d->eos)  /* the group generation these inputs were read in */
-		s->cgmd = rd_kafka_consumer_group_metadata(d->consumer);
 	pthread_mutex_lock(&d->lock);
 	d->ready_q[(d->ready_head + d->n_ready) % MTLZD_SLOTS] = d->open_slot;
 	d->n_ready++;
@@ -259,13 +295,13 @@ static int ensure_open_slot(struct mtlzd *d)
 /* Drops what a slot holds beyond its preallocated buffers. */
 void mtlzd_slot_release(struct mtlzd_slot *s)
 {
-	for (int i = 0; i < s->n_dead; i++)
-		rd_kafka_message_destroy(s->dead[i].m);
+	for (int i = 0; i < s->n_dead; i++) {
+		if (s->dead[i].hdrs)
+			rd_kafka_headers_destroy(s->dead[i].hdrs);
+		free(s->dead[i].buf);
+	}
 	s->n_dead = 0;
 	s->n = 0;
-	if (s->cgmd)
-		rd_kafka_consumer_group_metadata_destroy(s->cgmd);
-	s->cgmd = NULL;
 }
 
 /* Waits until every slot is back (in-flight batches produced).
@@ -304,8 +340,8 @@ static int decode_reason(int e)
 }
 
 /* One input message: decode, preprocess into the open slot or dead-letter.
- * Returns 1 when a slot took ownership of m. @locality consume thread */
-static int handle_message(struct mtlzd *d, rd_kafka_message_t *m)
+ * @locality consume thread */
+static void handle_message(struct mtlzd *d, rd_kafka_message_t *m)
 {
 	struct mtlzd_slot *s;
 	struct mtlzd_item *it;
@@ -324,31 +360,33 @@ static int handle_message(struct mtlzd *d, rd_kafka_message_t *m)
 	if (m->len > (size_t)d->conf->input_max_message_bytes) {
 		snprintf(err, sizeof(err), "%zu bytes, input.max_message_bytes is %d",
 			 m->len, d->conf->input_max_message_bytes);
-		return dead_letter(d, m, MTLZD_R_OVERSIZE, err);
+		dead_letter(d, m, MTLZD_R_OVERSIZE, err);
+		return;
 	}
 	mtlz_spectrum_init(&sp);
-	t0 = now_us();
+	t0 = mtlzd_now_us();
 	e = mtlz_avro_decode_spectrum(d->avro_in, m->payload, m->len, &sp, err, sizeof(err));
-	atomic_fetch_add(&d->cnt.consume_busy_us, (uint64_t)(now_us() - t0));
+	atomic_fetch_add(&d->cnt.consume_busy_us, (uint64_t)(mtlzd_now_us() - t0));
 	if (e != MTLZ_DECODE_OK) {
 		mtlz_spectrum_clear(&sp);
-		return dead_letter(d, m, decode_reason(e), err);
+		dead_letter(d, m, decode_reason(e), err);
+		return;
 	}
 	snprintf(sp.source, sizeof(sp.source), "%s[%" PRId32 "]@%" PRId64,
 		 rd_kafka_topic_name(m->rkt), m->partition, m->offset);
 	if (ensure_open_slot(d) < 0) {
 		mtlz_spectrum_clear(&sp);
-		return 0; /* fatal: not processed, so not committed */
+		return; /* fatal: not processed, so not committed */
 	}
 	s = &d->slots[d->open_slot];
-	t0 = now_us();
+	t0 = mtlzd_now_us();
 	rc = mtlz_preprocess(&sp, &d->prep, d->prep_ws, s->x + (size_t)s->n * d->L, &info,
 			     err, sizeof(err));
-	atomic_fetch_add(&d->cnt.consume_busy_us, (uint64_t)(now_us() - t0));
+	atomic_fetch_add(&d->cnt.consume_busy_us, (uint64_t)(mtlzd_now_us() - t0));
 	if (rc != MTLZ_OK) {
 		mtlz_spectrum_clear(&sp);
-		return dead_letter(d, m, info.reject ? prep_reason(info.reject) : MTLZD_R_INVALID,
-				   err);
+		dead_letter(d, m, info.reject ? prep_reason(info.reject) : MTLZD_R_INVALID, err);
+		return;
 	}
 	it = &s->items[s->n++];
 	snprintf(it->spec_id, sizeof(it->spec_id), "%s", sp.spec_id);
@@ -359,7 +397,6 @@ static int handle_message(struct mtlzd *d, rd_kafka_message_t *m)
 	mtlz_spectrum_clear(&sp);
 	if (slot_count(s) == d->conf->batch_max_size)
 		close_open_slot(d);
-	return 0;
 }
 
 /* ---- infer ---------------------------------------------------------- */
@@ -389,7 +426,7 @@ int mtlzd_publish_results(struct mtlzd *d, struct mtlzd_slot *s)
 		snprintf(r.source_topic, sizeof(r.source_topic), "%s", d->conf->topics_input);
 		r.source_partition = s->items[i].partition;
 		r.source_offset = s->items[i].offset;
-		r.processed_us = now_us();
+		r.processed_us = mtlzd_now_us();
 		if (mtlz_avro_encode_result(d->avro_out, &r, d->output_framing,
 					    d->conf->output_schema_id, &buf, &len, err,
 					    sizeof(err)) != MTLZ_OK) {
@@ -433,7 +470,7 @@ static void *infer_main(void *arg)
 			clock_gettime(CLOCK_REALTIME, &ts);
 			ts.tv_sec += 1;
 			pthread_cond_timedwait(&d->cond_ready, &d->lock, &ts);
-			atomic_store(&d->infer_alive_us, now_us());
+			atomic_store(&d->infer_alive_us, mtlzd_now_us());
 		}
 		if (d->n_ready == 0) {
 			pthread_mutex_unlock(&d->lock);
@@ -445,7 +482,7 @@ static void *infer_main(void *arg)
 		pthread_mutex_unlock(&d->lock);
 
 		s = &d->slots[idx];
-		t0 = now_us();
+		t0 = mtlzd_now_us();
 		if (atomic_load(&d->rewind) || atomic_load(&d->fatal)) {
 			/* read past an aborted transaction: dropped, read again */
 		} else if (s->n > 0 && mtlz_engine_run(d->engine, s->x, s->n,
@@ -454,16 +491,16 @@ static void *infer_main(void *arg)
 			mtlz_log(MTLZ_LOG_ERROR, "event=engine_failed error=\"%s\"", err);
 			mtlzd_set_fatal(d);
 		} else {
-			t1 = now_us();
+			t1 = mtlzd_now_us();
 			if (!d->eos)
 				mtlzd_publish_results(d, s);
 			else if (mtlzd_txn_run(d, s) > 0)
 				atomic_store(&d->rewind, 1);
 			atomic_fetch_add(&d->cnt.batches, 1);
 			atomic_fetch_add(&d->cnt.engine_busy_us, (uint64_t)(t1 - t0));
-			atomic_fetch_add(&d->cnt.publish_busy_us, (uint64_t)(now_us() - t1));
+			atomic_fetch_add(&d->cnt.publish_busy_us, (uint64_t)(mtlzd_now_us() - t1));
 		}
-		atomic_store(&d->infer_alive_us, now_us());
+		atomic_store(&d->infer_alive_us, mtlzd_now_us());
 		mtlzd_slot_release(s);
 		pthread_mutex_lock(&d->lock);
 		d->free_q[d->n_free++] = idx;
@@ -613,6 +650,17 @@ static rd_kafka_t *make_client(struct mtlzd *d, rd_kafka_type_t type, char *errs
 	for (int i = 0; i < n_pass; i++)
 		if (set_kv(kc, pass[i].key, pass[i].value, errstr, errstr_size))
 			goto out_conf;
+	if (type == RD_KAFKA_PRODUCER) {
+		/* dead letters copy the input: cut them to what the producer
+		 * sends, leaving room for key and headers */
+		char v[32];
+		size_t vs = sizeof(v);
+		long mmb = 1000000;
+
+		if (rd_kafka_conf_get(kc, "message.max.bytes", v, &vs) == RD_KAFKA_CONF_OK)
+			mmb = atol(v);
+		d->dlq_max_value = (size_t)MTLZ_MAX(mmb - 65536, 1024L);
+	}
 	rd_kafka_conf_set_error_cb(kc, on_error);
 	rd_kafka_conf_set_opaque(kc, d);
 	rk = rd_kafka_new(type, kc, errstr, errstr_size);
@@ -762,7 +810,7 @@ int mtlzd_start(struct mtlzd *d, const mtlz_conf *c, volatile sig_atomic_t *stop
 	if (err)
 		return mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID, "subscribe %s: %s",
 				c->topics_input, rd_kafka_err2str(err));
-	atomic_store(&d->infer_alive_us, now_us());
+	atomic_store(&d->infer_alive_us, mtlzd_now_us());
 	if (pthread_create(&d->infer_thr, NULL, infer_main, d) ||
 	    pthread_create(&d->deliver_thr, NULL, deliver_main, d))
 		return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "cannot start threads");
@@ -850,15 +898,12 @@ int mtlzd_run(struct mtlzd *d)
 		}
 		m = rd_kafka_consumer_poll(d->consumer, timeout);
 		if (m) {
-			int kept = 0;
-
 			if (!m->err)
-				kept = handle_message(d, m);
+				handle_message(d, m);
 			else if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF)
 				mtlz_log(MTLZ_LOG_WARN, "event=consume_error error=\"%s\"",
 					 rd_kafka_message_errstr(m));
-			if (!kept)
-				rd_kafka_message_destroy(m);
+			rd_kafka_message_destroy(m);
 		}
 		now = mtlz_now();
 		if (d->open_slot >= 0 && slot_count(&d->slots[d->open_slot]) > 0 &&
@@ -870,7 +915,7 @@ int mtlzd_run(struct mtlzd *d)
 			mtlz_log(MTLZ_LOG_INFO, "event=ready");
 		}
 		/* the watchdog is fed only while the infer thread is alive too */
-		if (wd_usec && now_us() - atomic_load(&d->infer_alive_us) < (int64_t)wd_usec / 2)
+		if (wd_usec && mtlzd_now_us() - atomic_load(&d->infer_alive_us) < (int64_t)wd_usec / 2)
 			sd_notify(0, "WATCHDOG=1");
 		if ((now - last_status) * 1000 >= c->status_interval_ms) {
 			report_status(d, now - last_status, &last_results);
@@ -909,7 +954,7 @@ void mtlzd_destroy(struct mtlzd *d)
 	atomic_store(&d->deliver_stop, 1);
 	if (d->deliver_thr)
 		pthread_join(d->deliver_thr, NULL);
-	/* messages held by slots belong to the consumer: release them first */
+	/* what slots hold (dead-letter copies, headers) */
 	for (int i = 0; i < MTLZD_SLOTS; i++)
 		mtlzd_slot_release(&d->slots[i]);
 	if (d->consumer)

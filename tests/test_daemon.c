@@ -297,6 +297,7 @@ static rd_kafka_t *client(rd_kafka_type_t type, const char *group)
 	rd_kafka_t *rk;
 
 	rd_kafka_conf_set(c, "bootstrap.servers", brokers, err, sizeof(err));
+	rd_kafka_conf_set(c, "message.max.bytes", "4000000", err, sizeof(err));
 	if (group) {
 		rd_kafka_conf_set(c, "group.id", group, err, sizeof(err));
 		rd_kafka_conf_set(c, "auto.offset.reset", "earliest", err, sizeof(err));
@@ -329,13 +330,20 @@ static void produce_spectrum(rd_kafka_t *p, mtlz_avro *a, const mtlz_spectrum *s
 
 /* Reads the dead-letter topic until `want` records or 20 s; counts each
  * record's mtlz.error.class among names[n_names] into got[]; returns the
- * number of records. */
+ * number of records. The largest value's length and its
+ * mtlz.error.value_truncated_from header (0 if none) go to dl_max_len and
+ * dl_truncated_from. */
+static size_t dl_max_len;
+static long dl_truncated_from;
+
 static int read_dead_letters(int want, const char *const names[], int n_names, int got[])
 {
 	rd_kafka_t *c = client(RD_KAFKA_CONSUMER, "dlq-reader");
 	rd_kafka_topic_partition_list_t *sub = rd_kafka_topic_partition_list_new(1);
 	int n = 0;
 
+	dl_max_len = 0;
+	dl_truncated_from = 0;
 	rd_kafka_poll_set_consumer(c);
 	rd_kafka_topic_partition_list_add(sub, "spectra.dlq", RD_KAFKA_PARTITION_UA);
 	rd_kafka_subscribe(c, sub);
@@ -356,6 +364,12 @@ static int read_dead_letters(int want, const char *const names[], int n_names, i
 					got[k]++;
 			cr_assert_eq(rd_kafka_header_get_last(h, "mtlz.error.detail", &v, &vl), 0);
 			cr_assert_gt(vl, 0);
+			if (m->len > dl_max_len) {
+				dl_max_len = m->len;
+				dl_truncated_from = rd_kafka_header_get_last(
+					h, "mtlz.error.value_truncated_from", &v, &vl) == 0 ?
+					atol(v) : 0;
+			}
 		}
 		rd_kafka_message_destroy(m);
 	}
@@ -720,6 +734,32 @@ Test(daemon, exactly_once_one_transaction_per_batch_with_dead_letters)
 	cr_assert_eq(aborted, 0);
 	cr_assert_eq(count_in_log("mtlzd", "transactional_id=mtlzd-mtlzd-test-", NULL, NULL), 1,
 		     "the derived transactional.id is logged");
+}
+
+Test(daemon, exactly_once_oversized_dead_letter_is_cut_and_stream_continues)
+{
+	static const char *const names[] = { "framing" };
+	pid_t d = start_daemon_v("mtlzd", NULL, eos_sets);
+	rd_kafka_t *p = client(RD_KAFKA_PRODUCER, NULL);
+	char *junk = malloc(1500000);
+	int distinct, got[1] = { 0 };
+	long txns, aborted, rewinds;
+
+	/* undecodable and larger than the daemon's producer may send (1 MB) */
+	memset(junk, 'j', 1500000);
+	produce_raw(p, junk, 1500000);
+	free(junk);
+	cr_assert_eq(rd_kafka_flush(p, 10000), 0);
+	rd_kafka_destroy(p);
+	replay(8, "single_object");
+	cr_assert_eq(read_results(8, 10, &distinct), 8, "the stream carries on (%s)", dir);
+	cr_assert_eq(read_dead_letters(1, names, 1, got), 1);
+	cr_assert_eq(dl_truncated_from, 1500000, "the header tells the original length");
+	cr_assert_eq(dl_max_len, 1000000 - 65536, "cut to message.max.bytes - 64 KiB");
+	kill(d, SIGTERM);
+	cr_assert_eq(wait_exit(d, 60), 0);
+	txn_status("mtlzd", &txns, &aborted, &rewinds);
+	cr_assert_eq(aborted, 0, "nothing aborted (%s)", dir);
 }
 
 Test(daemon, exactly_once_abortable_error_aborts_rewinds_and_retries)
