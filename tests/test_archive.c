@@ -14,10 +14,12 @@
 #include "archive.h"
 #include "avro_io.h"
 #include "bpt.h"
+#include "sdss_labels.h"
 #include "common.h"
 #include "util.h"
 
 #include <criterion/criterion.h>
+#include <fitsio.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -513,4 +515,258 @@ Test(archive, csv_import_reports_bad_rows_and_keeps_the_rest)
 	cr_assert_eq(c.by[MTLZ_CLASS_STAR_FORMING], 2);
 	cr_assert_eq(c.by[MTLZ_CLASS_COMPOSITE], 1);
 	cr_assert_eq(c.metal, 2, "oh_p50 is the metallicity field");
+}
+
+/* ---- mtlz archive: the paper's Section 2.1 selection ------------------- */
+
+/* A copy of a real SDSS spec file with its SPECOBJ row changed. */
+static void make_spec(int i, double z, int zwarning, double sn_r)
+{
+	char path[300], cmd[1400], id[32];
+	char *idp = id;
+	fitsfile *f;
+	int st = 0, col;
+	float snm[5] = { 1, 2, (float)sn_r, 4, 5 };
+	float zf = (float)z;
+	int plate = 1000 + i, mjd = 50000, fiber = i;
+
+	snprintf(path, sizeof(path), "%s/specs/spec-%04d.fits", dir, i);
+	snprintf(cmd, sizeof(cmd), "mkdir -p %s/specs && cp %s/spec-0266-51602-0001.fits %s && "
+		 "chmod u+w %s", dir, MTLZ_TEST_DATA, path, path);
+	cr_assert_eq(system(cmd), 0);
+	snprintf(id, sizeof(id), "%d", 700000 + i);
+	cr_assert_eq(fits_open_file(&f, path, READWRITE, &st), 0);
+	cr_assert_eq(fits_movnam_hdu(f, BINARY_TBL, "SPECOBJ", 0, &st), 0);
+#define SET(name, type, val) \
+	cr_assert_eq(fits_get_colnum(f, CASEINSEN, name, &col, &st), 0); \
+	cr_assert_eq(fits_write_col(f, type, col, 1, 1, 1, val, &st), 0, "%s: %d", name, st)
+	SET("SPECOBJID", TSTRING, &idp);
+	SET("Z", TFLOAT, &zf);
+	SET("ZWARNING", TINT, &zwarning);
+	SET("PLATE", TINT, &plate);
+	SET("MJD", TINT, &mjd);
+	SET("FIBERID", TINT, &fiber);
+	cr_assert_eq(fits_get_colnum(f, CASEINSEN, "SN_MEDIAN", &col, &st), 0);
+	cr_assert_eq(fits_write_col(f, TFLOAT, col, 1, 1, 5, snm, &st), 0);
+#undef SET
+	cr_assert_eq(fits_close_file(f, &st), 0);
+}
+
+struct cat_row {
+	int i;            /* spectrum; < 0: no row */
+	int bptclass;
+	float oh16, oh50, oh84;
+	const char *bpt;  /* NULL: not in Portsmouth */
+};
+
+/* galSpecExtra (SPECOBJID as 64-bit integer) and emissionLinesPort
+ * (PLATE/MJD/FIBERID), with the real column names and types. */
+static void make_catalogues(const struct cat_row *rows, int n)
+{
+	static char *mpa_t[] = { "SPECOBJID", "BPTCLASS", "OH_P16", "OH_P50", "OH_P84",
+				 "LGM_TOT_P50", "LGM_FIB_P50" };
+	static char *mpa_f[] = { "K", "J", "E", "E", "E", "E", "E" };
+	static char *port_t[] = { "PLATE", "MJD", "FIBERID", "BPT" };
+	static char *port_f[] = { "J", "J", "J", "16A" };
+	char path[300];
+	fitsfile *f;
+	int st = 0;
+	long rm = 0, rp = 0;
+
+	snprintf(path, sizeof(path), "!%s/galSpecExtra.fits", dir);
+	cr_assert_eq(fits_create_file(&f, path, &st), 0);
+	cr_assert_eq(fits_create_tbl(f, BINARY_TBL, 0, 7, mpa_t, mpa_f, NULL, "galSpecExtra",
+				     &st), 0);
+	for (int k = 0; k < n; k++) {
+		LONGLONG id = 700000 + rows[k].i;
+		float mass = 10.5f, fib = 9.8f;
+
+		if (rows[k].i < 0 || rows[k].bptclass == -99)
+			continue;
+		rm++;
+		fits_write_col(f, TLONGLONG, 1, rm, 1, 1, &id, &st);
+		fits_write_col(f, TINT, 2, rm, 1, 1, (void *)&rows[k].bptclass, &st);
+		fits_write_col(f, TFLOAT, 3, rm, 1, 1, (void *)&rows[k].oh16, &st);
+		fits_write_col(f, TFLOAT, 4, rm, 1, 1, (void *)&rows[k].oh50, &st);
+		fits_write_col(f, TFLOAT, 5, rm, 1, 1, (void *)&rows[k].oh84, &st);
+		fits_write_col(f, TFLOAT, 6, rm, 1, 1, &mass, &st);
+		fits_write_col(f, TFLOAT, 7, rm, 1, 1, &fib, &st);
+	}
+	cr_assert_eq(fits_close_file(f, &st), 0, "cfitsio %d", st);
+	snprintf(path, sizeof(path), "!%s/emissionLinesPort.fits", dir);
+	cr_assert_eq(fits_create_file(&f, path, &st), 0);
+	cr_assert_eq(fits_create_tbl(f, BINARY_TBL, 0, 4, port_t, port_f, NULL,
+				     "emissionLinesPort", &st), 0);
+	for (int k = 0; k < n; k++) {
+		int plate = 1000 + rows[k].i, mjd = 50000, fiber = rows[k].i;
+		char *b = (char *)rows[k].bpt;
+
+		if (rows[k].i < 0 || !b)
+			continue;
+		rp++;
+		fits_write_col(f, TINT, 1, rp, 1, 1, &plate, &st);
+		fits_write_col(f, TINT, 2, rp, 1, 1, &mjd, &st);
+		fits_write_col(f, TINT, 3, rp, 1, 1, &fiber, &st);
+		fits_write_col(f, TSTRING, 4, rp, 1, 1, &b, &st);
+	}
+	cr_assert_eq(fits_close_file(f, &st), 0, "cfitsio %d", st);
+}
+
+struct by_id {
+	int n, cls[32];
+	double oh[32], oh_err[32];
+};
+
+static int by_id_fn(void *opaque, const mtlz_spectrum *s, const mtlz_labels *l)
+{
+	struct by_id *b = opaque;
+	int i = atoi(s->spec_id) - 700000;
+
+	cr_assert(i >= 0 && i < 32, "spec_id %s", s->spec_id);
+	b->n++;
+	b->cls[i] = l->cls;
+	b->oh[i] = l->oh;
+	b->oh_err[i] = l->oh_err;
+	return 0;
+}
+
+static const struct cat_row sel_rows[] = {
+	/* i, BPTCLASS (-99: not in MPA-JHU), OH p16/p50/p84, Portsmouth BPT */
+	{ 1, 1, 8.8f, 8.9f, 9.0f, "Star Forming" },   /* z = 0.001: cut */
+	{ 2, 1, 8.8f, 8.9f, 9.0f, "Star Forming" },   /* z = 0.35: cut */
+	{ 3, 1, 8.8f, 8.9f, 9.0f, "Star Forming" },   /* ZWARNING = 4: cut */
+	{ 4, 1, 8.8f, 8.9f, 9.0f, "Star Forming" },   /* S/N_r = 4.9: cut */
+	{ 5, -99, 0, 0, 0, "Star Forming" },           /* not in MPA-JHU */
+	{ 6, 1, 8.8f, 8.9f, 9.0f, NULL },              /* not in Portsmouth */
+	{ 7, 1, 8.8f, 8.9f, 9.0f, "Composite" },       /* disagree */
+	{ 8, 1, -9999, -9999, -9999, "Star Forming" }, /* OH_P50 = -9999 */
+	{ 9, 2, 8.70f, 8.80f, 8.94f, "Star Forming" }, /* star-forming */
+	{ 10, -1, -9999, -9999, -9999, "BLANK" },      /* passive */
+	{ 11, 3, -9999, -9999, -9999, "Composite" },   /* composite */
+	{ 12, 4, -9999, -9999, -9999, "Seyfert" },     /* AGN */
+	{ 13, 5, -9999, -9999, -9999, "LINER" },       /* AGN */
+	{ 14, 4, -9999, -9999, -9999, "LINER/Seyfert" }, /* AGN */
+	{ 15, 0, -9999, -9999, -9999, "BLANK" },       /* BPTCLASS 0: no class */
+	{ 16, 1, 8.8f, 8.9f, 9.0f, "Star Forming" },   /* S/N_r = 5.0: kept */
+};
+
+static void make_selection_inputs(void)
+{
+	const int n = sizeof(sel_rows) / sizeof(sel_rows[0]);
+
+	for (int k = 0; k < n; k++) {
+		const int i = sel_rows[k].i;
+
+		make_spec(i, i == 1 ? 0.001 : i == 2 ? 0.35 : 0.05, i == 3 ? 4 : 0,
+			  i == 4 ? 4.9 : i == 16 ? 5.0 : 20.0);
+	}
+	make_catalogues(sel_rows, n);
+}
+
+Test(archive, paper_selection_every_cut_and_table_1)
+{
+	char out[300];
+	char *paths[1] = { out };
+	struct by_id b = { 0 };
+
+	make_selection_inputs();
+	snprintf(out, sizeof(out), "%s/sel", dir);
+	cr_assert_eq(run("sel.log", BIN "/mtlz archive -o %s --mpajhu %s/galSpecExtra.fits "
+			 "--portsmouth %s/emissionLinesPort.fits %s/specs", out, dir, dir, dir), 0);
+	cr_assert(log_has("sel.log", "16 spectra read from 16 files"));
+	cr_assert(log_has("sel.log", "removed        2  redshift outside the range"));
+	cr_assert(log_has("sel.log", "removed        1  ZWARNING != 0"));
+	cr_assert(log_has("sel.log", "removed        1  S/N_r below the minimum"));
+	cr_assert(log_has("sel.log", "removed        1  not in the MPA-JHU catalogue"));
+	cr_assert(log_has("sel.log", "removed        1  not in the Portsmouth catalogue"));
+	cr_assert(log_has("sel.log", "removed        2  no agreed class (Table 1)"));
+	cr_assert(log_has("sel.log", "removed        1  star-forming without a metallicity"));
+	cr_assert(log_has("sel.log", "kept 7: passive 1, star_forming 2, composite 1, agn 3"));
+	cr_assert_eq(mtlz_archive_read(avro, paths, 1, by_id_fn, &b, err, sizeof(err)), 0,
+		     "%s", err);
+	cr_assert_eq(b.n, 7);
+	cr_assert_eq(b.cls[9], MTLZ_CLASS_STAR_FORMING);
+	cr_assert_float_eq(b.oh[9], 8.80, 1e-6);
+	cr_assert_float_eq(b.oh_err[9], 0.5 * (8.94 - 8.70), 1e-6, "half the 16-84 range");
+	cr_assert_eq(b.cls[10], MTLZ_CLASS_PASSIVE);
+	cr_assert(isnan(b.oh[10]), "only star-forming labels carry O/H");
+	cr_assert_eq(b.cls[11], MTLZ_CLASS_COMPOSITE);
+	cr_assert(b.cls[12] == MTLZ_CLASS_AGN && b.cls[13] == MTLZ_CLASS_AGN &&
+		  b.cls[14] == MTLZ_CLASS_AGN);
+	cr_assert_eq(b.cls[16], MTLZ_CLASS_STAR_FORMING, "S/N_r = 5 passes S/N_r >= 5");
+}
+
+Test(archive, balanced_subsampling_is_seeded)
+{
+	char a[300], b2[300], c[300];
+	char *paths[1] = { a };
+	struct by_id b = { 0 };
+
+	make_selection_inputs();
+	snprintf(a, sizeof(a), "%s/bal-a", dir);
+	snprintf(b2, sizeof(b2), "%s/bal-b", dir);
+	snprintf(c, sizeof(c), "%s/bal-c", dir);
+	for (int k = 0; k < 3; k++)
+		cr_assert_eq(run("bal.log", BIN "/mtlz archive -o %s --mpajhu %s/galSpecExtra.fits "
+				 "--portsmouth %s/emissionLinesPort.fits --balance --seed %d %s/specs",
+				 k == 0 ? a : k == 1 ? b2 : c, dir, dir, k == 2 ? 8 : 7, dir), 0);
+	cr_assert(log_has("bal.log", "removed        3  balanced subsampling"));
+	cr_assert(log_has("bal.log", "kept 4: passive 1, star_forming 1, composite 1, agn 1"));
+	cr_assert_eq(mtlz_archive_read(avro, paths, 1, by_id_fn, &b, err, sizeof(err)), 0);
+	cr_assert_eq(b.n, 4);
+	cr_assert_eq(run("cmp.log", "cmp %s/part-00000.avro %s/part-00000.avro", a, b2), 0,
+		     "the same seed draws the same spectra");
+	(void)c;
+}
+
+struct spz {
+	int n;
+	char ids[8][64];
+	int cls[8];
+};
+
+static int spz_fn(void *opaque, const mtlz_spectrum *s, const mtlz_labels *l)
+{
+	struct spz *z = opaque;
+
+	cr_assert_lt(z->n, 8);
+	snprintf(z->ids[z->n], sizeof(z->ids[0]), "%s", s->spec_id);
+	z->cls[z->n++] = l->cls;
+	cr_assert_str_eq(l->source_name, "SDSS SPZLINE");
+	return 0;
+}
+
+Test(archive, spzline_labels_on_the_real_fixtures)
+{
+	char out[300];
+	char *paths[1] = { out };
+	struct spz z = { 0 };
+	mtlz_sdss_info in;
+	mtlz_labels lb;
+	const char *why;
+
+	/* spec-0266-51602-0001: Hb S/N 0.7, [N II]/Ha = 250.3/465.8 (log -0.27
+	 * < log 0.6): low-S/N star-forming; N2 = -0.27 is outside PP04's N2 range */
+	cr_assert_eq(mtlz_sdss_info_read(MTLZ_TEST_DATA "/spec-0266-51602-0001.fits", &in, err,
+					 sizeof(err)), 0, "%s", err);
+	cr_assert_float_eq(in.flux[MTLZ_LINE_HA], 465.805, 1e-3);
+	cr_assert_float_eq(in.err[MTLZ_LINE_NII], 11.453, 1e-3);
+	mtlz_labels_init(&lb);
+	cr_assert_eq(mtlz_labels_from_lines(&in, &lb, &why), MTLZ_CLASS_STAR_FORMING);
+	cr_assert(isnan(lb.oh) && why && strstr(why, "outside"), "%s", why ? why : "-");
+
+	snprintf(out, sizeof(out), "%s/spz", dir);
+	cr_assert_eq(run("spz.log", BIN "/mtlz archive -o %s %s/spec-0266-51602-0001.fits "
+			 "%s/spec-0266-51630-0174.fits %s/spec-0266-51602-0573.fits "
+			 "%s/spec-3586-55181-0003.fits", out, MTLZ_TEST_DATA, MTLZ_TEST_DATA,
+			 MTLZ_TEST_DATA, MTLZ_TEST_DATA), 0);
+	/* 3586-55181-0003: z = 0.589, ZWARNING = 4: cut (by z, the first cut) */
+	cr_assert(log_has("spz.log", "removed        1  redshift outside the range"));
+	cr_assert(log_has("spz.log", "removed        1  star-forming without a metallicity"));
+	cr_assert_eq(mtlz_archive_read(avro, paths, 1, spz_fn, &z, err, sizeof(err)), 0, "%s", err);
+	cr_assert_eq(z.n, 2);
+	/* 51630-0174: SUBCLASS BROADLINE, Ha not fitted: AGN;
+	 * 51602-0573: no line with S/N >= 3: passive */
+	cr_assert_eq(z.cls[0], MTLZ_CLASS_AGN, "%s", z.ids[0]);
+	cr_assert_eq(z.cls[1], MTLZ_CLASS_PASSIVE, "%s", z.ids[1]);
 }

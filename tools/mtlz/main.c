@@ -27,6 +27,8 @@ static const char usage[] =
 	"  init        write a randomly initialised (untrained) model\n"
 	"  consume     print mtlzd's results from a Kafka topic\n"
 	"  import      labelled spectra from JSON lines / CSV into a training archive\n"
+	"  archive     SDSS spec files + catalogues -> training archive (paper Sec. 2.1)\n"
+	"  synth       synthetic labelled SDSS-like spectra into a training archive\n"
 	"\n"
 	"Run 'mtlz <command> --help' for a command's options.\n"
 	"options: --help, --version\n";
@@ -80,7 +82,8 @@ int main(int argc, char **argv)
 		{ "classify", cmd_classify }, { "preprocess", cmd_preprocess },
 		{ "bench", cmd_bench },       { "info", cmd_info },
 		{ "init", cmd_init },         { "consume", cmd_consume },
-		{ "import", cmd_import },
+		{ "import", cmd_import },     { "archive", cmd_archive },
+		{ "synth", cmd_synth },
 	};
 
 	if (argc < 2) {

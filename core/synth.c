@@ -1,0 +1,1 @@
+/* synth.c - placeholder while it is being written (this session). */
