@@ -1,0 +1,142 @@
+/*
+ * train.c - the trainer's passes (train_impl.h) instantiated for float and
+ * double, and the public API of train.h.
+ */
+#include "train.h"
+#include "common.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+void openblas_set_num_threads(int n);
+
+void mtlz_loss_opts_default(mtlz_loss_opts *o)
+{
+	memset(o, 0, sizeof(*o));
+	o->focal_alpha = 0.25;
+	o->focal_gamma = 2.0;
+	o->w_class = 1.0;
+	o->w_metal = 1.0;
+	o->task = MTLZ_TASK_BOTH;
+}
+
+#define REAL float
+#define GEMM cblas_sgemm
+#define TR mtlz_trainer
+#define FN(x) trf_##x
+#include "train_impl.h"
+#undef REAL
+#undef GEMM
+#undef TR
+#undef FN
+
+#define REAL double
+#define GEMM cblas_dgemm
+#define TR mtlz_trainer_d
+#define FN(x) trd_##x
+#include "train_impl.h"
+#undef REAL
+#undef GEMM
+#undef TR
+#undef FN
+
+/* ---- the float trainer's API ---- */
+
+mtlz_trainer *mtlz_trainer_new(const mtlz_model *m, int max_batch, int n_threads,
+			       char *errstr, size_t errstr_size)
+{
+	return trf_new(m, max_batch, n_threads, errstr, errstr_size);
+}
+
+void mtlz_trainer_free(mtlz_trainer *t)
+{
+	trf_free_all(t);
+}
+
+size_t mtlz_trainer_n_params(const mtlz_trainer *t)
+{
+	return t->n_p;
+}
+
+float *mtlz_trainer_params(mtlz_trainer *t)
+{
+	return t->p;
+}
+
+long mtlz_trainer_param_offset(const mtlz_trainer *t, const char *name, size_t *n)
+{
+	for (size_t i = 0; i < t->n_tens; i++)
+		if (strcmp(t->tens[i].name, name) == 0) {
+			if (n)
+				*n = t->tens[i].n;
+			return (long)t->tens[i].off;
+		}
+	return -1;
+}
+
+int mtlz_trainer_load(mtlz_trainer *t, const mtlz_model *m)
+{
+	return trf_load(t, m);
+}
+
+int mtlz_trainer_store(const mtlz_trainer *t, mtlz_model *m)
+{
+	size_t off = 0;
+
+	if (mtlz_model_n_params(m) != t->n_p)
+		return MTLZ_ERR_INVALID;
+	for (size_t i = 0; i < mtlz_model_n_tensors(m); i++) {
+		const mtlz_tensor *tt = mtlz_model_tensor(m, i);
+		float *d = mtlz_model_data(m, tt->name);
+
+		memcpy(d, t->p + off, tt->n * sizeof(float));
+		off += tt->n;
+	}
+	return MTLZ_OK;
+}
+
+int mtlz_trainer_step(mtlz_trainer *t, const mtlz_batch *b, const mtlz_loss_opts *o,
+		      mtlz_losses *loss, float *grad, float *dx, float *logits, float *metal,
+		      char *errstr, size_t errstr_size)
+{
+	return trf_step(t, b->x, NULL, b, o, loss, grad, dx, logits, metal, errstr, errstr_size);
+}
+
+mtlz_trainer_d *mtlz_trainer_d_new(const mtlz_model *m, int max_batch, int n_threads,
+				   char *errstr, size_t errstr_size)
+{
+	return trd_new(m, max_batch, n_threads, errstr, errstr_size);
+}
+
+void mtlz_trainer_d_free(mtlz_trainer_d *t)
+{
+	trd_free_all(t);
+}
+
+size_t mtlz_trainer_d_n_params(const mtlz_trainer_d *t)
+{
+	return t->n_p;
+}
+
+double *mtlz_trainer_d_params(mtlz_trainer_d *t)
+{
+	return t->p;
+}
+
+int mtlz_trainer_d_step(mtlz_trainer_d *t, const mtlz_batch *b, const mtlz_loss_opts *o,
+			mtlz_losses *loss, double *grad, double *dx, double *logits,
+			double *metal, char *errstr, size_t errstr_size)
+{
+	return trd_step(t, b->x, NULL, b, o, loss, grad, dx, logits, metal, errstr, errstr_size);
+}
+
+int mtlz_trainer_d_step_x(mtlz_trainer_d *t, const double *xd, const mtlz_batch *b,
+			  const mtlz_loss_opts *o, mtlz_losses *loss, double *grad,
+			  double *dx, char *errstr, size_t errstr_size)
+{
+	return trd_step(t, NULL, xd, b, o, loss, grad, dx, NULL, NULL, errstr, errstr_size);
+}

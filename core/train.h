@@ -1,0 +1,97 @@
+/*
+ * train.h - forward and backward passes of the MTLforGalSpecZ model for
+ * training on the CPU (paper Sections 3.2-3.3): every layer's gradient
+ * (convolutions, ReLU, max-pool, squeeze-and-excitation attention, global
+ * average pool, dropout, linear heads), the focal loss of the class head and
+ * the masked MAE of the metallicity head, for a whole batch at once.
+ *
+ * The trainer keeps its own copy of the parameters (the model's tensors in
+ * canonical order, packed in one array) that the optimiser updates; the
+ * model is written back with mtlz_trainer_store(). Layout of activations:
+ * [channels][batch][length], so that each convolution of a batch is one
+ * GEMM over im2col columns (OpenBLAS, n_threads) and each gradient two.
+ *
+ * The same code is compiled for float (training) and for double (the
+ * finite-difference gradient checks in tests/test_train.c): mtlz_trainer
+ * and mtlz_trainer_d.
+ */
+#ifndef MTLZ_TRAIN_H
+#define MTLZ_TRAIN_H
+
+#include "model.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum mtlz_task { MTLZ_TASK_BOTH = 0, MTLZ_TASK_CLASS = 1, MTLZ_TASK_METAL = 2 };
+
+/* One batch: x[n][L] (preprocessed, on the model grid); cls[n] the true
+ * class or -1; oh[n] the true 12 + log(O/H) or NaN. The metallicity loss
+ * counts only samples whose true class is star-forming (class 1) and whose
+ * oh is finite (paper Eq. 7). */
+typedef struct mtlz_batch {
+	const float *x;
+	const int *cls;
+	const float *oh;
+	int n;
+} mtlz_batch;
+
+typedef struct mtlz_loss_opts {
+	double focal_alpha;   /* 0.25 (Lin et al. 2017) */
+	double focal_gamma;   /* 2.0 */
+	double w_class;       /* lambda_1 (DWA) */
+	double w_metal;       /* lambda_2 */
+	int task;             /* enum mtlz_task: single-task baselines */
+	int train;            /* 1: dropout active (masks from seed, sample) */
+	uint64_t seed;        /* dropout: masks depend on (seed, index in batch) */
+} mtlz_loss_opts;
+
+typedef struct mtlz_losses {
+	double cls;           /* mean focal loss over labelled samples (0 if none) */
+	double metal;         /* mean |pred - true| over star-forming samples, dex (0 if none) */
+	double total;         /* w_class * cls + w_metal * metal (per task) */
+	int n_cls, n_metal;
+} mtlz_losses;
+
+void mtlz_loss_opts_default(mtlz_loss_opts *o);
+
+typedef struct mtlz_trainer mtlz_trainer;
+
+/* A trainer for model m's architecture, batches of at most max_batch. */
+mtlz_trainer *mtlz_trainer_new(const mtlz_model *m, int max_batch, int n_threads,
+			       char *errstr, size_t errstr_size);
+void mtlz_trainer_free(mtlz_trainer *t);
+size_t mtlz_trainer_n_params(const mtlz_trainer *t);
+/* The packed parameters (read/write: the optimiser updates them). */
+float *mtlz_trainer_params(mtlz_trainer *t);
+/* Offset and size of the model tensor `name` in the packed array; -1 if none. */
+long mtlz_trainer_param_offset(const mtlz_trainer *t, const char *name, size_t *n);
+/* Copies the parameters into / from m (same architecture). */
+int mtlz_trainer_store(const mtlz_trainer *t, mtlz_model *m);
+int mtlz_trainer_load(mtlz_trainer *t, const mtlz_model *m);
+
+/* Forward pass and, when grad != NULL, backward: grad[n_params] receives
+ * d total / d params (overwritten), dx[n][L] (if not NULL) d total / d x.
+ * logits[n][n_classes] and metal[n] (if not NULL) receive the outputs
+ * (metal in dex, i.e. after the model's target scale and offset). */
+int mtlz_trainer_step(mtlz_trainer *t, const mtlz_batch *b, const mtlz_loss_opts *o,
+		      mtlz_losses *loss, float *grad, float *dx, float *logits, float *metal,
+		      char *errstr, size_t errstr_size);
+
+/* The double-precision twin, for gradient checks. */
+typedef struct mtlz_trainer_d mtlz_trainer_d;
+
+mtlz_trainer_d *mtlz_trainer_d_new(const mtlz_model *m, int max_batch, int n_threads,
+				   char *errstr, size_t errstr_size);
+void mtlz_trainer_d_free(mtlz_trainer_d *t);
+size_t mtlz_trainer_d_n_params(const mtlz_trainer_d *t);
+double *mtlz_trainer_d_params(mtlz_trainer_d *t);
+int mtlz_trainer_d_step(mtlz_trainer_d *t, const mtlz_batch *b, const mtlz_loss_opts *o,
+			mtlz_losses *loss, double *grad, double *dx, double *logits,
+			double *metal, char *errstr, size_t errstr_size);
+/* The input as doubles (for d loss / d x checks): xd[n][L] replaces b->x. */
+int mtlz_trainer_d_step_x(mtlz_trainer_d *t, const double *xd, const mtlz_batch *b,
+			  const mtlz_loss_opts *o, mtlz_losses *loss, double *grad,
+			  double *dx, char *errstr, size_t errstr_size);
+
+#endif
