@@ -470,7 +470,17 @@ int mtlz_model_set_meta(mtlz_model *m, const char *key, const char *value)
 {
 	for (size_t i = 0; i < m->n_meta; i++) {
 		if (strcmp(m->meta_keys[i], key) == 0) {
-			char *v = strdup(value);
+			char *v;
+
+			if (!value) {   /* remove the key */
+				free(m->meta_keys[i]);
+				free(m->meta_values[i]);
+				m->n_meta--;
+				m->meta_keys[i] = m->meta_keys[m->n_meta];
+				m->meta_values[i] = m->meta_values[m->n_meta];
+				return MTLZ_OK;
+			}
+			v = strdup(value);
 
 			if (!v)
 				return MTLZ_ERR_NOMEM;
@@ -479,6 +489,8 @@ int mtlz_model_set_meta(mtlz_model *m, const char *key, const char *value)
 			return MTLZ_OK;
 		}
 	}
+	if (!value)
+		return MTLZ_OK;
 	if (m->n_meta == MAX_META)
 		return MTLZ_ERR_INVALID;
 	m->meta_keys[m->n_meta] = strdup(key);
@@ -520,7 +532,13 @@ static int is_managed_key(const char *k)
 int mtlz_model_save(const mtlz_model *m, const char *path, char *errstr,
 		    size_t errstr_size)
 {
-	mtlz_st_out out[MAX_TENSORS];
+	return mtlz_model_save_ext(m, path, NULL, 0, errstr, errstr_size);
+}
+
+int mtlz_model_save_ext(const mtlz_model *m, const char *path, const mtlz_st_out *extra,
+			size_t n_extra, char *errstr, size_t errstr_size)
+{
+	mtlz_st_out out[MAX_TENSORS + 8];
 	const char *keys[MAX_META + 5], *vals[MAX_META + 5];
 	char grid[96], classes[MTLZ_MAX_CLASSES * 33], target[128];
 	char *arch = mtlz_arch_to_json(&m->arch);
@@ -557,8 +575,16 @@ int mtlz_model_save(const mtlz_model *m, const char *path, char *errstr,
 			out[i].shape[d] = m->tensors[i].shape[d];
 		out[i].data = m->tensors[i].data;
 	}
-	rc = mtlz_st_write(path, out, m->n_tensors, keys, vals, n_meta, errstr,
-			   errstr_size);
+	for (size_t i = 0; i < n_extra && i < 8; i++) {
+		if (strncmp(extra[i].name, "optim.", 6) != 0) {
+			free(arch);
+			return mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID,
+					"extra tensor '%s' must be named optim.*", extra[i].name);
+		}
+		out[m->n_tensors + i] = extra[i];
+	}
+	rc = mtlz_st_write(path, out, m->n_tensors + MTLZ_MIN(n_extra, (size_t)8), keys, vals,
+			   n_meta, errstr, errstr_size);
 	free(arch);
 	return rc;
 }
@@ -590,6 +616,12 @@ static int parse_target(const char *s, double *offset, double *scale)
 }
 
 mtlz_model *mtlz_model_load(const char *path, char *errstr, size_t errstr_size)
+{
+	return mtlz_model_load_ext(path, NULL, errstr, errstr_size);
+}
+
+mtlz_model *mtlz_model_load_ext(const char *path, mtlz_st **extra, char *errstr,
+				size_t errstr_size)
 {
 	char err[512];
 	mtlz_st *st = mtlz_st_read(path, errstr, errstr_size);
@@ -705,6 +737,8 @@ mtlz_model *mtlz_model_load(const char *path, char *errstr, size_t errstr_size)
 	/* ... and nothing else. */
 	if (mtlz_st_count(st) != m->n_tensors) {
 		for (size_t i = 0; i < mtlz_st_count(st); i++) {
+			if (extra && strncmp(mtlz_st_get(st, i)->name, "optim.", 6) == 0)
+				continue;
 			if (!mtlz_model_find(m, mtlz_st_get(st, i)->name)) {
 				mtlz_err(errstr, errstr_size, MTLZ_ERR_FORMAT,
 					 "%s: unexpected tensor '%s'", path,
@@ -719,6 +753,10 @@ mtlz_model *mtlz_model_load(const char *path, char *errstr, size_t errstr_size)
 		mtlz_st_meta_at(st, i, &k, &v);
 		if (!is_managed_key(k))
 			mtlz_model_set_meta(m, k, v);
+	}
+	if (extra) {   /* the caller reads the optim.* tensors */
+		*extra = st;
+		return m;
 	}
 	goto out;
 out_free_model:

@@ -73,6 +73,16 @@ mtlz_model *mtlz_model_new_random(const mtlz_arch *a, const mtlz_grid *g,
 mtlz_model *mtlz_model_load(const char *path, char *errstr, size_t errstr_size);
 int mtlz_model_save(const mtlz_model *m, const char *path, char *errstr,
 		    size_t errstr_size);
+/* Checkpoints: a model file plus up to 8 extra F32 tensors named optim.*
+ * (optimiser state). load_ext accepts them and hands the file's tensors
+ * to the caller in *extra (mtlz_st_free it); plain mtlz_model_load refuses
+ * any tensor that is not the model's. */
+struct mtlz_st_out;
+struct mtlz_st;
+int mtlz_model_save_ext(const mtlz_model *m, const char *path, const struct mtlz_st_out *extra,
+			size_t n_extra, char *errstr, size_t errstr_size);
+mtlz_model *mtlz_model_load_ext(const char *path, struct mtlz_st **extra, char *errstr,
+				size_t errstr_size);
 void mtlz_model_free(mtlz_model *m);
 
 const mtlz_arch *mtlz_model_arch(const mtlz_model *m);
@@ -98,7 +108,8 @@ const mtlz_tensor *mtlz_model_find(const mtlz_model *m, const char *name);
 /* Mutable access, for training and tests. */
 float *mtlz_model_data(mtlz_model *m, const char *name);
 
-/* Free-form metadata (provenance); the mtlz.* keys are managed by the model. */
+/* Free-form metadata (provenance); the mtlz.* keys are managed by the model.
+ * value NULL removes the key. */
 int mtlz_model_set_meta(mtlz_model *m, const char *key, const char *value);
 const char *mtlz_model_meta(const mtlz_model *m, const char *key);
 size_t mtlz_model_meta_count(const mtlz_model *m);
