@@ -412,6 +412,39 @@ mtlz_model *mtlz_model_new_random(const mtlz_arch *a, const mtlz_grid *g,
 	return m;
 }
 
+void mtlz_model_init_he(mtlz_model *m, uint64_t seed)
+{
+	mtlz_rng rng;
+
+	mtlz_rng_seed(&rng, seed);
+	for (size_t i = 0; i + 1 < m->n_tensors; i += 2) {
+		mtlz_tensor *w = &m->tensors[i], *b = &m->tensors[i + 1];
+		const size_t fan_in = (size_t)w->shape[1] * (w->ndim == 3 ? (size_t)w->shape[2] : 1);
+		/* no ReLU after: the heads' last layers and the attention's
+		 * excitation (sigmoid) get variance 1 / fan_in */
+		char last_c[64], last_m[64];
+		int linear_out;
+		double sd;
+
+		snprintf(last_c, sizeof(last_c), "heads.class.fc%d.weight", m->arch.n_hidden + 1);
+		snprintf(last_m, sizeof(last_m), "heads.metal.fc%d.weight", m->arch.n_hidden + 1);
+		linear_out = !strcmp(w->name, "attention.excite.weight") ||
+			     !strcmp(w->name, last_c) || !strcmp(w->name, last_m);
+		sd = sqrt((linear_out ? 1.0 : 2.0) / (double)fan_in);
+
+		for (size_t j = 0; j < w->n; j += 2) {   /* Box-Muller pairs */
+			const double u1 = 1.0 - mtlz_rng_uniform(&rng), u2 = mtlz_rng_uniform(&rng);
+			const double r = sqrt(-2.0 * log(u1));
+
+			w->data[j] = (float)(sd * r * cos(6.283185307179586 * u2));
+			if (j + 1 < w->n)
+				w->data[j + 1] = (float)(sd * r * sin(6.283185307179586 * u2));
+		}
+		memset(b->data, 0, b->n * sizeof(float));
+	}
+	mtlz_model_set_meta(m, "mtlz.provenance", "He initialisation, untrained");
+}
+
 void mtlz_model_free(mtlz_model *m)
 {
 	if (!m)

@@ -69,6 +69,13 @@ double mtlz_arch_flops(const mtlz_arch *a);
  * weights and biases), deterministic for `seed`. */
 mtlz_model *mtlz_model_new_random(const mtlz_arch *a, const mtlz_grid *g,
 				  uint64_t seed, char *errstr, size_t errstr_size);
+/* Re-initialises every weight for training from scratch: He et al. (2015)
+ * normal, variance 2 / fan_in, for layers followed by a ReLU, 1 / fan_in for
+ * the heads' output layers and the attention's excitation; biases 0.
+ * (PyTorch's default initialisation leaves this stack of ten ReLU
+ * convolutions with a vanishing signal: its outputs are the same for every
+ * input to 5 decimals, docs/retrain.md.) */
+void mtlz_model_init_he(mtlz_model *m, uint64_t seed);
 /* Loads and fully validates a safetensors model file. */
 mtlz_model *mtlz_model_load(const char *path, char *errstr, size_t errstr_size);
 int mtlz_model_save(const mtlz_model *m, const char *path, char *errstr,

@@ -356,6 +356,7 @@ int mtlz_retrain_run(const mtlz_retrain_opts *o, mtlz_retrain_result *res, char 
 		m = mtlz_model_new_random(&a, &g, mix(o->seed, 1), errstr, errstr_size);
 		if (!m)
 			return MTLZ_ERR_INVALID;
+		mtlz_model_init_he(m, mix(o->seed, 1));
 	}
 	/* ---- data ---- */
 	avro = mtlz_avro_new(schemas ? schemas : "schemas", NULL, errstr, errstr_size);
