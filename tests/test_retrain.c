@@ -15,6 +15,9 @@
 #include "retrain.h"
 
 #include <criterion/criterion.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -221,4 +224,51 @@ Test(retrain, stop_and_resume_gives_the_same_model)
 	cr_assert_neq(mtlz_retrain_run(&o, res, err, sizeof(err)), 0);
 	cr_assert(strstr(err, "not a checkpoint"), "%s", err);
 	free(res);
+}
+
+/* The command line: SIGINT writes a checkpoint and exits 0, --resume
+ * finishes the run; a bad configuration key exits 2 naming file and line. */
+Test(retrain, cli_sigint_checkpoints_and_resume_finishes)
+{
+	char cmd[1024], out[160], log[160], yaml[160];
+	FILE *f;
+	int st;
+	pid_t pid;
+
+	write_archive(120);
+	write_init();
+	snprintf(out, sizeof(out), "%s/cli.safetensors", dir);
+	snprintf(log, sizeof(log), "%s/cli.log", dir);
+	pid = fork();
+	cr_assert_geq(pid, 0);
+	if (pid == 0) {
+		freopen(log, "w", stderr);
+		execl(MTLZ_BIN_DIR "/mtlz-retrain", "mtlz-retrain", "--data", archive, "-o", out,
+		      "--init", init, "--epochs", "1000", "--batch", "8", "--threads", "1",
+		      (char *)NULL);
+		_exit(127);
+	}
+	sleep(3);
+	kill(pid, SIGINT);
+	cr_assert_eq(waitpid(pid, &st, 0), pid);
+	cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "SIGINT: a clean exit 0");
+	snprintf(cmd, sizeof(cmd), "grep -q 'checkpoint %s.ckpt' %s", out, log);
+	cr_assert_eq(system(cmd), 0, "the message names the checkpoint (see %s)", log);
+	snprintf(cmd, sizeof(cmd), MTLZ_BIN_DIR "/mtlz-retrain --data %s -o %s --init %s "
+		 "--epochs 2 --batch 8 --threads 1 --resume %s.ckpt 2>>%s", archive, out, init, out,
+		 log);
+	/* the interrupted run was asked for 1000 epochs; resuming with 2 ends
+	 * at once if at least 2 are done, else trains up to 2 */
+	cr_assert_eq(WEXITSTATUS(system(cmd)), 0, "resume (see %s)", log);
+	snprintf(cmd, sizeof(cmd), "test -s %s", out);
+	cr_assert_eq(system(cmd), 0, "the model was written");
+	snprintf(yaml, sizeof(yaml), "%s/bad.yaml", dir);
+	f = fopen(yaml, "w");
+	fprintf(f, "epochs: 3\nplateau:\n  patience: x\n");
+	fclose(f);
+	snprintf(cmd, sizeof(cmd), MTLZ_BIN_DIR "/mtlz-retrain --config %s --data %s -o %s "
+		 "2>%s/bad.log", yaml, archive, out, dir);
+	cr_assert_eq(WEXITSTATUS(system(cmd)), 2);
+	snprintf(cmd, sizeof(cmd), "grep -q 'bad.yaml:3:13: plateau.patience' %s/bad.log", dir);
+	cr_assert_eq(system(cmd), 0, "names file, line, column and key");
 }

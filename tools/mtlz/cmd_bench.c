@@ -8,6 +8,8 @@
 #include "common.h"
 #include "kernels_cpu.h"
 #include "mtlz_engine.h"
+#include "optim.h"
+#include "train.h"
 
 #include <getopt.h>
 #include <math.h>
@@ -26,7 +28,9 @@ static const char usage[] =
 	"      --seconds S     time per configuration (default 3)\n"
 	"      --layers        per-layer timing: own kernel vs OpenBLAS\n"
 	"      --no-preprocess skip the preprocessing benchmark\n"
-	"      --no-engine     skip the engine benchmark\n";
+	"      --no-engine     skip the engine benchmark\n"
+	"      --train         training step (forward + backward + Adam) instead of\n"
+	"                      inference, random labels; also projects s/epoch on 60,000\n";
 
 static double gauss(mtlz_rng *r)
 {
@@ -220,6 +224,61 @@ static void bench_layers(const mtlz_model *m)
 	fflush(stdout);
 }
 
+/* Training steps of a batch of random spectra and labels (half of them
+ * star-forming with a metallicity) for `seconds`, after one warm-up step. */
+static int bench_train(mtlz_model *m, int threads, int B, double seconds)
+{
+	const int L = mtlz_model_arch(m)->input_length;
+	float *x = malloc((size_t)B * L * sizeof(float)), *oh = malloc((size_t)B * sizeof(float));
+	int *cls = malloc((size_t)B * sizeof(int)), steps = 0, rc = 0;
+	mtlz_trainer *t = mtlz_trainer_new(m, B, threads, NULL, 0);
+	float *g = t ? malloc(mtlz_trainer_n_params(t) * sizeof(float)) : NULL;
+	mtlz_adam adam = { 0 };
+	mtlz_loss_opts lo;
+	mtlz_losses l;
+	mtlz_rng r;
+	double t0, dt;
+	char err[256];
+
+	if (!x || !oh || !cls || !t || !g || mtlz_adam_init(&adam, mtlz_trainer_n_params(t), 1e-3)) {
+		cli_error("bench: out of memory (training, batch %d)", B);
+		rc = -1;
+		goto out;
+	}
+	mtlz_rng_seed(&r, 1);
+	for (size_t i = 0; i < (size_t)B * L; i++)
+		x[i] = (float)(0.5 + mtlz_rng_uniform(&r));
+	for (int i = 0; i < B; i++) {
+		cls[i] = i % 4;
+		oh[i] = cls[i] == 1 ? 8.5f + 0.3f * (float)mtlz_rng_uniform(&r) : NAN;
+	}
+	mtlz_loss_opts_default(&lo);
+	lo.train = 1;
+	const mtlz_batch b = { x, cls, oh, B };
+	for (t0 = mtlz_now(), dt = 0; steps == 0 || dt < seconds; dt = mtlz_now() - t0) {
+		if (mtlz_trainer_step(t, &b, &lo, &l, g, NULL, NULL, NULL, err, sizeof(err))) {
+			cli_error("bench: %s", err);
+			rc = -1;
+			goto out;
+		}
+		mtlz_adam_step(&adam, mtlz_trainer_params(t), g);
+		if (steps++ == 0)   /* warm-up: first touch of every buffer */
+			t0 = mtlz_now();
+	}
+	steps--;
+	printf("train threads=%d batch=%d: %.1f spectra/s, %.3f s/step, %.0f s per epoch of "
+	       "60000\n", threads, B, steps * B / dt, dt / steps, 60000.0 / (steps * B / dt));
+	fflush(stdout);
+out:
+	mtlz_adam_free(&adam);
+	free(g);
+	mtlz_trainer_free(t);
+	free(x);
+	free(oh);
+	free(cls);
+	return rc;
+}
+
 int cmd_bench(int argc, char **argv)
 {
 	static const struct option opts[] = {
@@ -232,11 +291,12 @@ int cmd_bench(int argc, char **argv)
 		{ "layers", no_argument, 0, 'l' },
 		{ "no-preprocess", no_argument, 0, 'P' },
 		{ "no-engine", no_argument, 0, 'E' },
+		{ "train", no_argument, 0, 'T' },
 		{ "help", no_argument, 0, 'h' },
 		{ 0, 0, 0, 0 },
 	};
 	int threads[16], batches[16], n_threads = 0, n_batches = 2, mc = 0;
-	int layers = 0, do_prep = 1, do_engine = 1, opt;
+	int layers = 0, do_prep = 1, do_engine = 1, train = 0, opt;
 	const char *model_path = NULL, *kind = "cpu";
 	double seconds = 3.0;
 	mtlz_model *m;
@@ -281,6 +341,7 @@ int cmd_bench(int argc, char **argv)
 		case 'l': layers = 1; break;
 		case 'P': do_prep = 0; break;
 		case 'E': do_engine = 0; break;
+		case 'T': train = 1; break;
 		case 'h': fputs(usage, stdout); return EXIT_OK;
 		default: fputs(usage, stderr); return EXIT_USAGE;
 		}
@@ -310,6 +371,16 @@ int cmd_bench(int argc, char **argv)
 	       mtlz_arch_flops(mtlz_model_arch(m)) / 1e6);
 	if (layers)
 		bench_layers(m);
+	if (train) {
+		for (int t = 0; t < n_threads; t++)
+			for (int b = 0; b < n_batches; b++)
+				if (bench_train(m, threads[t], batches[b], seconds)) {
+					mtlz_model_free(m);
+					return EXIT_RUNTIME;
+				}
+		mtlz_model_free(m);
+		return EXIT_OK;
+	}
 	for (int t = 0; do_engine && t < n_threads; t++)
 		for (int b = 0; b < n_batches; b++)
 			if (bench_engine(m, kind, threads[t], batches[b], mc, seconds)) {
