@@ -26,21 +26,25 @@ void mtlz_loss_opts_default(mtlz_loss_opts *o)
 
 #define REAL float
 #define GEMM cblas_sgemm
+#define GEMV cblas_sgemv
 #define TR mtlz_trainer
 #define FN(x) trf_##x
 #include "train_impl.h"
 #undef REAL
 #undef GEMM
+#undef GEMV
 #undef TR
 #undef FN
 
 #define REAL double
 #define GEMM cblas_dgemm
+#define GEMV cblas_dgemv
 #define TR mtlz_trainer_d
 #define FN(x) trd_##x
 #include "train_impl.h"
 #undef REAL
 #undef GEMM
+#undef GEMV
 #undef TR
 #undef FN
 

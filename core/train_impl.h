@@ -35,6 +35,7 @@ struct TR {
 	REAL *dlog, *dmet;             /* [B][K], [B] */
 	REAL *logits, *metal;          /* [B][K], [B] */
 	REAL *gscratch;                /* [n_p]: grad when only dx is wanted */
+	REAL *ones;                    /* [map_n / min channels]: bias gradients as GEMV */
 	struct { char name[64]; size_t off, n; } *tens;   /* the packed order */
 	size_t n_tens;
 };
@@ -71,6 +72,7 @@ static void FN(free_all)(struct TR *t)
 	free(t->logits);
 	free(t->metal);
 	free(t->gscratch);
+	free(t->ones);
 	free(t->tens);
 	free(t);
 }
@@ -216,6 +218,9 @@ static struct TR *FN(new)(const mtlz_model *m, int max_batch, int n_threads, cha
 	t->logits = FN(alloc)((size_t)B * a->n_classes, &fail);
 	t->metal = FN(alloc)((size_t)B, &fail);
 	t->gscratch = FN(alloc)(t->n_p, &fail);
+	t->ones = FN(alloc)(map_n, &fail);
+	for (size_t i = 0; !fail && i < map_n; i++)
+		t->ones[i] = 1;
 	t->n_tens = mtlz_model_n_tensors(m);
 	t->tens = calloc(t->n_tens, sizeof(*t->tens));
 	fail |= !t->tens;
@@ -248,15 +253,20 @@ static void FN(im2col)(const REAL *x, int cin, int B, int lin, int k, int pad, i
 		for (int j = 0; j < k; j++) {
 			REAL *c = col + ((size_t)ci * k + j) * N;
 
+			/* l + j - pad in [0, lin): one contiguous copy per sample */
+			const int l0 = MTLZ_MAX(0, pad - j), l1 = MTLZ_MIN(lout, lin + pad - j);
+
 			for (int b = 0; b < B; b++) {
 				const REAL *xs = x + ((size_t)ci * B + b) * lin;
 				REAL *cs = c + (size_t)b * lout;
 
-				for (int l = 0; l < lout; l++) {
-					const int s = l + j - pad;
-
-					cs[l] = s >= 0 && s < lin ? xs[s] : 0;
+				if (l1 <= l0) {
+					memset(cs, 0, (size_t)lout * sizeof(REAL));
+					continue;
 				}
+				memset(cs, 0, (size_t)l0 * sizeof(REAL));
+				memcpy(cs + l0, xs + l0 + j - pad, (size_t)(l1 - l0) * sizeof(REAL));
+				memset(cs + l1, 0, (size_t)(lout - l1) * sizeof(REAL));
 			}
 		}
 }
@@ -275,13 +285,11 @@ static void FN(col2im)(const REAL *dcol, int cin, int B, int lin, int k, int pad
 			memset(xs, 0, (size_t)lin * sizeof(REAL));
 			for (int j = 0; j < k; j++) {
 				const REAL *cs = dcol + ((size_t)ci * k + j) * N + (size_t)b * lout;
+				const int l0 = MTLZ_MAX(0, pad - j), l1 = MTLZ_MIN(lout, lin + pad - j);
+				REAL *xo = xs + j - pad;
 
-				for (int l = 0; l < lout; l++) {
-					const int s = l + j - pad;
-
-					if (s >= 0 && s < lin)
-						xs[s] += cs[l];
-				}
+				for (int l = l0; l < l1; l++)
+					xo[l] += cs[l];
 			}
 		}
 }
@@ -314,14 +322,7 @@ static void FN(conv_bwd)(const struct TR *t, int i, const REAL *col, const REAL 
 	REAL *dw = grad + t->conv[i].ow, *db = grad + t->conv[i].ob;
 
 	GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, cout, K, N, 1, dy, N, col, N, 1, dw, K);
-#pragma omp parallel for schedule(static)
-	for (int c = 0; c < cout; c++) {
-		REAL s = 0;
-
-		for (int l = 0; l < N; l++)
-			s += dy[(size_t)c * N + l];
-		db[c] += s;
-	}
+	GEMV(CblasRowMajor, CblasNoTrans, cout, N, 1, dy, N, t->ones, 1, 1, db, 1);
 	if (dcol)
 		GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, K, N, cout, 1, w, K, dy, N, 0, dcol, N);
 }
