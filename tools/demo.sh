@@ -4,7 +4,10 @@
 #   2. start mtlzd (etc/mtlzd.yaml, pointed at it) with the bundled model,
 #   3. replay the bundled real SDSS, BOSS and DESI spectra (tests/data) as
 #      Avro with mtlz-replay,
-#   4. read the results back from the output topic and print them.
+#   4. read the results back from the output topic and print them,
+#   5. replay the 768 labelled SDSS DR18 spectra of the sample training
+#      archive (data/sdss-atlas/archive, docs/labels.md) and summarise the
+#      results (count, rate, latency).
 # Installs the Debian packages and builds first.
 #
 # The model is a randomly initialised one (mtlz init, seed 1) until a
@@ -44,6 +47,10 @@ $B/tools/mtlz-replay --brokers "$brokers" --topic spectra "${files[@]}"
 
 echo "== results from topic 'results'"
 $B/tools/mtlz consume --brokers "$brokers" --topic results --count "${#files[@]}" --timeout 30
+echo "== replaying the sample training archive (768 SDSS DR18 spectra)"
+$B/tools/mtlz-replay --brokers "$brokers" --topic spectra data/sdss-atlas/archive
+echo "== all results so far (topic 'results'): summary"
+$B/tools/mtlz consume --brokers "$brokers" --topic results --stats --timeout 10
 echo "== mtlzd log"
 kill -TERM "$daemon_pid"; wait "$daemon_pid" || true; daemon_pid=
 cat "$work/mtlzd.log"
