@@ -220,7 +220,7 @@ int cmd_archive(int argc, char **argv)
 	long long seed = 1;
 	char err[512], **files = NULL, *end;
 	struct kept *kept = NULL;
-	int n_kept = 0, take[MTLZ_N_CLASSES];
+	int n_kept = 0, take[MTLZ_N_CLASSES] = { 0 };
 	mtlz_archive_writer *w = NULL;
 	mtlz_avro *avro = NULL;
 
@@ -317,10 +317,8 @@ int cmd_archive(int argc, char **argv)
 			mtlz_labels lb;
 			int cut;
 
-			if (pass == 1) {
-				if (!take[kept[i].cls] || kept[i].cls < 0)
-					continue;
-			}
+			if (pass == 1 && (kept[i].cls < 0 || !take[kept[i].cls]))
+				continue;   /* cut, or not drawn */
 			if (mtlz_fits_read(files[i], &sp, err, sizeof(err))) {
 				if (pass == 0) {
 					cli_error("archive: %s", err);
