@@ -2429,23 +2429,27 @@ static void ob_str(struct obuf *b, const char *s)
 	ob_bytes(b, s, strlen(s));
 }
 
-static void ob_opt_double(struct obuf *b, double x)
+static void ob_f64(struct obuf *b, double x)
 {
-	uint8_t *p;
+	uint8_t *p = ob_room(b, 8);
 	uint64_t u;
 
-	if (!isfinite(x)) {
-		ob_long(b, 0);
-		return;
-	}
-	ob_long(b, 1);
-	p = ob_room(b, 8);
 	if (!p)
 		return;
 	memcpy(&u, &x, 8);
 	for (int i = 0; i < 8; i++)
 		p[i] = (uint8_t)(u >> (8 * i));
 	b->len += 8;
+}
+
+static void ob_opt_double(struct obuf *b, double x)
+{
+	if (!isfinite(x)) {
+		ob_long(b, 0);
+		return;
+	}
+	ob_long(b, 1);
+	ob_f64(b, x);
 }
 
 static void ob_map(struct obuf *b, const mtlz_label_kv *kv, int n)
@@ -2874,23 +2878,6 @@ static int put_block(FILE *f, const struct ours *o, size_t count, const uint8_t 
 	       fwrite(o->sync, 1, 16, f) != 16;
 }
 
-/* Encodes a Spectrum datum (spectrum.avsc, field by field) straight into b:
- * the same bytes as the generic-value path of mtlz_avro_encode_spectrum,
- * about ten times faster, for the archive writer. Assumes a little-endian
- * host, as Avro's float/double encoding does. */
-static void ob_f64(struct obuf *b, double x)
-{
-	uint8_t *p = ob_room(b, 8);
-	uint64_t u;
-
-	if (!p)
-		return;
-	memcpy(&u, &x, 8);
-	for (int i = 0; i < 8; i++)
-		p[i] = (uint8_t)(u >> (8 * i));
-	b->len += 8;
-}
-
 static void ob_f32_array(struct obuf *b, const float *x, size_t n)
 {
 	uint8_t *p;
@@ -2906,6 +2893,10 @@ static void ob_f32_array(struct obuf *b, const float *x, size_t n)
 	ob_long(b, 0);
 }
 
+/* Encodes a Spectrum datum (spectrum.avsc, field by field) straight into b:
+ * the same bytes as the generic-value path of mtlz_avro_encode_spectrum,
+ * about ten times faster, for the archive writer. Assumes a little-endian
+ * host, as Avro's float/double encoding does. */
 static void encode_spectrum_direct(struct obuf *b, const mtlz_spectrum *s)
 {
 	ob_bytes(b, s->spec_id, strnlen(s->spec_id, sizeof(s->spec_id)));
