@@ -15,6 +15,7 @@
 #include "retrain.h"
 
 #include <criterion/criterion.h>
+#include <jansson.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -165,6 +166,33 @@ Test(retrain, a_short_run_learns)
 		  "manifest: %s", man ? man : "(none)");
 	cr_assert_null(mtlz_model_meta(m, "mtlz.checkpoint"));
 	mtlz_model_free(m);
+	/* mtlz eval on the whole archive: JSON with the contract's keys; the
+	 * trained model is right on (nearly) all of it */
+	{
+		char cmd[1024], path[200];
+		json_error_t je;
+		json_t *j, *oh;
+
+		snprintf(cmd, sizeof(cmd), MTLZ_BIN_DIR "/mtlz eval --model %s --data %s --mc 10 "
+			 "--report %s/report > %s/eval.json 2>%s/eval.log", out, archive, dir, dir, dir);
+		cr_assert_eq(system(cmd), 0, "mtlz eval (see %s/eval.log)", dir);
+		snprintf(path, sizeof(path), "%s/eval.json", dir);
+		j = json_load_file(path, 0, &je);
+		cr_assert_not_null(j, "%s: %s", path, je.text);
+		cr_assert_eq(json_integer_value(json_object_get(j, "n")), 240);
+		cr_assert_gt(json_number_value(json_object_get(j, "accuracy")), 0.8);
+		cr_assert(json_is_number(json_object_get(j, "f1_macro")));
+		cr_assert_eq(json_array_size(json_object_get(j, "confusion")), 4);
+		oh = json_object_get(j, "oh");
+		cr_assert_eq(json_integer_value(json_object_get(oh, "n")), 120);
+		cr_assert_lt(json_number_value(json_object_get(oh, "sd")), 0.09);
+		cr_assert(json_is_number(json_object_get(oh, "bias")) &&
+			  json_is_number(json_object_get(oh, "mae")));
+		json_decref(j);
+		snprintf(cmd, sizeof(cmd), "test -s %s/report/metrics.json && grep -q '^accuracy' "
+			 "%s/report/report.md", dir, dir);
+		cr_assert_eq(system(cmd), 0, "the report folder");
+	}
 	free(res);
 }
 

@@ -29,6 +29,7 @@ static const char usage[] =
 	"  import      labelled spectra from JSON lines / CSV into a training archive\n"
 	"  archive     SDSS spec files + catalogues -> training archive (paper Sec. 2.1)\n"
 	"  synth       synthetic labelled SDSS-like spectra into a training archive\n"
+	"  eval        a model's metrics on labelled archives (JSON; --report DIR)\n"
 	"\n"
 	"Run 'mtlz <command> --help' for a command's options.\n"
 	"options: --help, --version\n";
@@ -83,7 +84,7 @@ int main(int argc, char **argv)
 		{ "bench", cmd_bench },       { "info", cmd_info },
 		{ "init", cmd_init },         { "consume", cmd_consume },
 		{ "import", cmd_import },     { "archive", cmd_archive },
-		{ "synth", cmd_synth },
+		{ "synth", cmd_synth },       { "eval", cmd_eval },
 	};
 
 	if (argc < 2) {
