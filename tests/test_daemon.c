@@ -572,7 +572,9 @@ static void check_survives(void (*fault)(void))
 	replay(16, "single_object");
 	fault();
 	replay(16, "single_object");
-	n = read_results(1000, 10, &distinct);
+	/* librdkafka reconnects with a backoff of up to reconnect.backoff.max.ms
+	 * (10 s): give the reader more than that before it gives up */
+	n = read_results(1000, 30, &distinct);
 	cr_assert_eq(distinct, 32, "%d rows, %d distinct (%s)", n, distinct, dir);
 	kill(d, SIGTERM);
 	cr_assert_eq(wait_exit(d, 60), 0);
