@@ -97,6 +97,16 @@ double mtlz_rng_uniform(mtlz_rng *r)
 	return (double)(mtlz_rng_next(r) >> 11) * 0x1.0p-53;
 }
 
+void mtlz_shuffle_idx(size_t *v, size_t n, mtlz_rng *r)
+{
+	for (size_t j = n; j > 1; j--) {
+		size_t k = (size_t)(mtlz_rng_uniform(r) * (double)j), t;
+
+		k = k < j - 1 ? k : j - 1;
+		t = v[j - 1], v[j - 1] = v[k], v[k] = t;
+	}
+}
+
 int mtlz_sha256_file(const char *path, char hex[65], char *errstr,
 		     size_t errstr_size)
 {

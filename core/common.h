@@ -52,6 +52,8 @@ void mtlz_rng_seed(mtlz_rng *r, uint64_t seed);
 uint64_t mtlz_rng_next(mtlz_rng *r);
 /* Uniform double in [0, 1). */
 double mtlz_rng_uniform(mtlz_rng *r);
+/* Fisher-Yates shuffle of v[n] with r. */
+void mtlz_shuffle_idx(size_t *v, size_t n, mtlz_rng *r);
 
 #define MTLZ_ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
 #define MTLZ_MIN(a, b) ((a) < (b) ? (a) : (b))

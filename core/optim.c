@@ -116,12 +116,7 @@ void mtlz_split_stratified(const int *cls, size_t n, int n_classes, double frac_
 			if (ci == c)
 				idx[m++] = i;
 		}
-		for (size_t j = m; j > 1; j--) {   /* Fisher-Yates */
-			size_t k = (size_t)(mtlz_rng_uniform(&r) * (double)j), t;
-
-			k = MTLZ_MIN(k, j - 1);
-			t = idx[j - 1], idx[j - 1] = idx[k], idx[k] = t;
-		}
+		mtlz_shuffle_idx(idx, m, &r);
 		n_tr = (size_t)llround(frac_train * (double)m);
 		n_va = (size_t)llround(frac_val * (double)m);
 		n_va = MTLZ_MIN(n_va, m - n_tr);

@@ -70,11 +70,7 @@ static void shuffle(size_t *v, size_t n, uint64_t seed)
 	mtlz_rng r;
 
 	mtlz_rng_seed(&r, seed);
-	for (size_t j = n; j > 1; j--) {
-		size_t k = MTLZ_MIN((size_t)(mtlz_rng_uniform(&r) * (double)j), j - 1), t;
-
-		t = v[j - 1], v[j - 1] = v[k], v[k] = t;
-	}
+	mtlz_shuffle_idx(v, n, &r);
 }
 
 /* Gathers batch rows idx[0..n) of d into contiguous buffers. */
