@@ -82,7 +82,7 @@ static uint64_t col_specobjid(fitsfile *f, long row)
 int mtlz_sdss_info_read(const char *path, mtlz_sdss_info *in, char *errstr,
 			size_t errstr_size)
 {
-	static const double rest[MTLZ_N_LINES] = { 4862.68, 5008.24, 6564.61, 6585.27 };
+	static const double rest[MTLZ_SPZ_N_LINES] = { 4862.68, 5008.24, 6564.61, 6585.27 };
 	fitsfile *f;
 	int st = 0;
 	long rows = 0;
@@ -90,7 +90,7 @@ int mtlz_sdss_info_read(const char *path, mtlz_sdss_info *in, char *errstr,
 	memset(in, 0, sizeof(*in));
 	in->plate = in->mjd = in->fiber = -1;
 	in->sn_r = NAN;
-	for (int k = 0; k < MTLZ_N_LINES; k++)
+	for (int k = 0; k < MTLZ_SPZ_N_LINES; k++)
 		in->flux[k] = in->err[k] = NAN;
 	if (fits_open_file(&f, path, READONLY, &st))
 		return mtlz_err(errstr, errstr_size, MTLZ_ERR_IO, "%s: cannot open (cfitsio %d)",
@@ -115,7 +115,7 @@ int mtlz_sdss_info_read(const char *path, mtlz_sdss_info *in, char *errstr,
 		for (long r = 1; r <= rows; r++) {
 			const double w = col_double(f, "LINEWAVE", r, 1);
 
-			for (int k = 0; k < MTLZ_N_LINES; k++)
+			for (int k = 0; k < MTLZ_SPZ_N_LINES; k++)
 				if (fabs(w - rest[k]) < 0.5) {
 					in->flux[k] = col_double(f, "LINEAREA", r, 1);
 					in->err[k] = col_double(f, "LINEAREA_ERR", r, 1);
@@ -136,10 +136,10 @@ static int detected(const mtlz_sdss_info *in, int k)
 
 int mtlz_labels_from_lines(const mtlz_sdss_info *in, mtlz_labels *lb, const char **why)
 {
-	const int all = detected(in, MTLZ_LINE_HB) && detected(in, MTLZ_LINE_OIII) &&
-			detected(in, MTLZ_LINE_HA) && detected(in, MTLZ_LINE_NII);
-	const int any = detected(in, MTLZ_LINE_HB) || detected(in, MTLZ_LINE_OIII) ||
-			detected(in, MTLZ_LINE_HA) || detected(in, MTLZ_LINE_NII);
+	const int all = detected(in, MTLZ_SPZ_HB) && detected(in, MTLZ_SPZ_OIII) &&
+			detected(in, MTLZ_SPZ_HA) && detected(in, MTLZ_SPZ_NII);
+	const int any = detected(in, MTLZ_SPZ_HB) || detected(in, MTLZ_SPZ_OIII) ||
+			detected(in, MTLZ_SPZ_HA) || detected(in, MTLZ_SPZ_NII);
 	const char *rule;
 	double n2 = NAN, o3 = NAN;
 
@@ -150,10 +150,10 @@ int mtlz_labels_from_lines(const mtlz_sdss_info *in, mtlz_labels *lb, const char
 		*why = "no SPZLINE HDU";
 		return lb->cls;
 	}
-	if (detected(in, MTLZ_LINE_HA) && detected(in, MTLZ_LINE_NII))
-		n2 = log10(in->flux[MTLZ_LINE_NII] / in->flux[MTLZ_LINE_HA]);
-	if (detected(in, MTLZ_LINE_HB) && detected(in, MTLZ_LINE_OIII))
-		o3 = log10(in->flux[MTLZ_LINE_OIII] / in->flux[MTLZ_LINE_HB]);
+	if (detected(in, MTLZ_SPZ_HA) && detected(in, MTLZ_SPZ_NII))
+		n2 = log10(in->flux[MTLZ_SPZ_NII] / in->flux[MTLZ_SPZ_HA]);
+	if (detected(in, MTLZ_SPZ_HB) && detected(in, MTLZ_SPZ_OIII))
+		o3 = log10(in->flux[MTLZ_SPZ_OIII] / in->flux[MTLZ_SPZ_HB]);
 	if (all) {
 		lb->cls = mtlz_bpt_class(n2, o3);
 		rule = "BPT";

@@ -16,7 +16,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-enum { MTLZ_LINE_HB, MTLZ_LINE_OIII, MTLZ_LINE_HA, MTLZ_LINE_NII, MTLZ_N_LINES };
+enum { MTLZ_SPZ_HB, MTLZ_SPZ_OIII, MTLZ_SPZ_HA, MTLZ_SPZ_NII, MTLZ_SPZ_N_LINES };
 
 typedef struct mtlz_sdss_info {
 	uint64_t specobjid;         /* 0 when the file has none */
@@ -26,7 +26,7 @@ typedef struct mtlz_sdss_info {
 	int have_lines;             /* SPZLINE read */
 	/* Hb 4861, [O III] 5007, Ha 6563, [N II] 6584: LINEAREA and
 	 * LINEAREA_ERR (err <= 0: not measured) */
-	double flux[MTLZ_N_LINES], err[MTLZ_N_LINES];
+	double flux[MTLZ_SPZ_N_LINES], err[MTLZ_SPZ_N_LINES];
 } mtlz_sdss_info;
 
 /* Reads the SPECOBJ (SDSS) or SPALL (BOSS) row and SPZLINE of a spec file.

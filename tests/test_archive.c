@@ -749,8 +749,8 @@ Test(archive, spzline_labels_on_the_real_fixtures)
 	 * < log 0.6): low-S/N star-forming; N2 = -0.27 is outside PP04's N2 range */
 	cr_assert_eq(mtlz_sdss_info_read(MTLZ_TEST_DATA "/spec-0266-51602-0001.fits", &in, err,
 					 sizeof(err)), 0, "%s", err);
-	cr_assert_float_eq(in.flux[MTLZ_LINE_HA], 465.805, 1e-3);
-	cr_assert_float_eq(in.err[MTLZ_LINE_NII], 11.453, 1e-3);
+	cr_assert_float_eq(in.flux[MTLZ_SPZ_HA], 465.805, 1e-3);
+	cr_assert_float_eq(in.err[MTLZ_SPZ_NII], 11.453, 1e-3);
 	mtlz_labels_init(&lb);
 	cr_assert_eq(mtlz_labels_from_lines(&in, &lb, &why), MTLZ_CLASS_STAR_FORMING);
 	cr_assert(isnan(lb.oh) && why && strstr(why, "outside"), "%s", why ? why : "-");
