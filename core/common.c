@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 int mtlz_err(char *errstr, size_t errstr_size, int status, const char *fmt, ...)
 {
@@ -95,6 +96,15 @@ uint64_t mtlz_rng_next(mtlz_rng *r)
 double mtlz_rng_uniform(mtlz_rng *r)
 {
 	return (double)(mtlz_rng_next(r) >> 11) * 0x1.0p-53;
+}
+
+void mtlz_omp_passive(char **argv)
+{
+	if (!getenv("OMP_WAIT_POLICY")) {
+		setenv("OMP_WAIT_POLICY", "passive", 1);
+		execv("/proc/self/exe", argv);
+		/* if exec fails, run on with the default policy */
+	}
 }
 
 void mtlz_shuffle_idx(size_t *v, size_t n, mtlz_rng *r)

@@ -52,6 +52,12 @@ void mtlz_rng_seed(mtlz_rng *r, uint64_t seed);
 uint64_t mtlz_rng_next(mtlz_rng *r);
 /* Uniform double in [0, 1). */
 double mtlz_rng_uniform(mtlz_rng *r);
+/* Re-executes the program (argv as given to main) with OMP_WAIT_POLICY=passive
+ * unless the variable is set: libgomp reads it when it loads. Used where
+ * OpenMP threads share the cores with other threads (the daemon's consume
+ * thread, OpenBLAS's own threads in training): spinning idle OpenMP threads
+ * would take their cores. Returns only if it did not re-exec. */
+void mtlz_omp_passive(char **argv);
 /* Fisher-Yates shuffle of v[n] with r. */
 void mtlz_shuffle_idx(size_t *v, size_t n, mtlz_rng *r);
 

@@ -58,11 +58,7 @@ int main(int argc, char **argv)
 	 * end-to-end 70 % of engine-only with it, 94 % without; docs/daemon.md).
 	 * libgomp reads the variable when it loads, so set it and re-exec once;
 	 * an operator's own setting is kept. */
-	if (!getenv("OMP_WAIT_POLICY")) {
-		setenv("OMP_WAIT_POLICY", "passive", 1);
-		execv("/proc/self/exe", argv);
-		/* if exec fails, run on with the default policy */
-	}
+	mtlz_omp_passive(argv);
 	while ((opt = getopt_long(argc, argv, "c:s:h", opts, NULL)) != -1) {
 		switch (opt) {
 		case 'c': path = optarg; break;

@@ -96,6 +96,10 @@ int main(int argc, char **argv)
 		fputs(usage, stdout);
 		return EXIT_OK;
 	}
+	if (strcmp(argv[1], "bench") == 0)   /* --train: as mtlz-retrain runs */
+		for (int i = 2; i < argc; i++)
+			if (strcmp(argv[i], "--train") == 0)
+				mtlz_omp_passive(argv);
 	if (strcmp(argv[1], "--version") == 0) {
 		printf("mtlz %s (engines: %s)\n", MTLZ_VERSION, mtlz_engine_kinds());
 		return EXIT_OK;
