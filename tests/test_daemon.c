@@ -45,6 +45,28 @@ static char dir[64], brokers[256], model[300], config[300];
 static char in_topic[96] = "spectra", out_topic[96] = "results";
 static pid_t broker_pid;
 
+/* Every process a test starts, until it is reaped: a failed assertion ends
+ * the test at once, and teardown must not leave daemons running. */
+static pid_t children[64];
+static int n_children;
+
+static void forget_child(pid_t pid)
+{
+	for (int i = 0; i < n_children; i++)
+		if (children[i] == pid)
+			children[i] = children[--n_children];
+}
+
+static void kill_children(void)
+{
+	while (n_children > 0) {
+		const pid_t pid = children[--n_children];
+
+		kill(pid, SIGKILL);
+		waitpid(pid, NULL, 0);
+	}
+}
+
 /* fork/exec with stdout to `out_fd` (pipe) or a log file, stderr to a log. */
 static pid_t spawn(char *const argv[], const char *log, int *out_fd, char *const env[])
 {
@@ -75,6 +97,8 @@ static pid_t spawn(char *const argv[], const char *log, int *out_fd, char *const
 		close(pfd[1]);
 		*out_fd = pfd[0];
 	}
+	if (n_children < (int)(sizeof(children) / sizeof(children[0])))
+		children[n_children++] = pid;
 	return pid;
 }
 
@@ -83,12 +107,15 @@ static int wait_exit(pid_t pid, int timeout_s)
 	for (int i = 0; i < timeout_s * 20; i++) {
 		int st;
 
-		if (waitpid(pid, &st, WNOHANG) == pid)
+		if (waitpid(pid, &st, WNOHANG) == pid) {
+			forget_child(pid);
 			return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+		}
 		usleep(50000);
 	}
 	kill(pid, SIGKILL);
 	waitpid(pid, NULL, 0);
+	forget_child(pid);
 	return -1;
 }
 
@@ -148,6 +175,7 @@ static void teardown(void)
 
 	kill(broker_pid, SIGTERM);
 	wait_exit(broker_pid, 10);
+	kill_children();   /* what a failed assertion left running */
 	snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
 	if (!getenv("MTLZ_TEST_KEEP"))
 		cr_assert_eq(system(cmd), 0);
@@ -852,7 +880,7 @@ static void create_topics(const char *const names[], int n)
 	rd_kafka_destroy(rk);
 }
 
-Test(kafka, exactly_once_kill_9_no_loss_no_duplicates, .timeout = 600)
+Test(kafka, exactly_once_kill_9_no_loss_no_duplicates, .timeout = 600, .fini = kill_children)
 {
 	const char *env = getenv("MTLZ_TEST_KAFKA_BROKERS");
 	char dlq[96], cmd[1024];
