@@ -17,6 +17,7 @@
 #include "engine_impl.h"
 #include "common.h"
 #include "kernels_cpu.h"
+#include "mc_rng.h"
 
 #include <cblas.h>
 #include <math.h>
@@ -58,6 +59,7 @@ struct cpu_ctx {
 	struct head head[2]; /* 0 = class, 1 = metal */
 	double target_offset, target_scale;
 	float dropout;
+	float inv_temp;     /* 1 / calibration temperature */
 
 	/* per thread */
 	float **buf0, **buf1, **col;
@@ -323,6 +325,7 @@ static int cpu_set_model(void *ctx, const mtlz_model *m, char *errstr,
 	}
 	mtlz_model_target(m, &c->target_offset, &c->target_scale);
 	c->dropout = a->dropout;
+	c->inv_temp = (float)(1.0 / mtlz_model_temperature(m));
 	return MTLZ_OK;
 out_nomem:
 	free_weights(c);
@@ -451,20 +454,10 @@ static void run_head(const struct cpu_ctx *c, const struct head *H,
 	}
 }
 
-static uint64_t hash_floats(const float *v, int n, uint64_t seed)
-{
-	uint64_t h = 1469598103934665603ull ^ seed;
-	uint32_t u;
-
-	for (int i = 0; i < n; i++) {
-		memcpy(&u, &v[i], 4);
-		h = (h ^ u) * 1099511628211ull;
-	}
-	return h;
-}
-
-/* Softmax of the class logits into out[i].prob, argmax into out[i].cls. */
-static void softmax_rows(const float *logits, int n, int K, mtlz_output *out)
+/* Softmax of the class logits / T (temperature scaling, 1 = none) into
+ * out[i].prob, argmax into out[i].cls. */
+static void softmax_rows(const float *logits, int n, int K, float inv_t,
+			 mtlz_output *out)
 {
 	for (int i = 0; i < n; i++) {
 		const float *z = logits + (size_t)i * K;
@@ -477,7 +470,7 @@ static void softmax_rows(const float *logits, int n, int K, mtlz_output *out)
 				arg = k;
 			}
 		for (int k = 0; k < K; k++) {
-			out[i].prob[k] = expf(z[k] - mx);
+			out[i].prob[k] = expf((z[k] - mx) * inv_t);
 			s += out[i].prob[k];
 		}
 		for (int k = 0; k < K; k++)
@@ -506,21 +499,13 @@ static void heads_one(struct cpu_ctx *c, int i, int mc, mtlz_output *o, int tid)
 		const float keep = 1.0f - c->dropout, scale = 1.0f / keep;
 		float *rows = c->mc_rows + (size_t)i * mc * C;
 		double s = 0, s2 = 0;
-		mtlz_rng rng;
-
-		/* Bernoulli(keep) from 16-bit slices of each 64-bit draw: four
-		 * masks per draw, keep resolved to 1/65536. */
+		/* Bernoulli(keep), resolved to 1/65536 (mc_rng.h) */
 		const uint32_t keep16 = (uint32_t)lrintf(keep * 65536.0f);
 		const size_t n_mask = (size_t)mc * C;
-		uint64_t bits = 0;
+		const uint64_t key = mtlz_mc_key(f, C, c->seed);
 
-		mtlz_rng_seed(&rng, hash_floats(f, C, c->seed));
-		for (size_t k = 0; k < n_mask; k++) {
-			if ((k & 3) == 0)
-				bits = mtlz_rng_next(&rng);
-			rows[k] = (uint32_t)(bits & 0xffff) < keep16 ? f[k % C] * scale : 0.0f;
-			bits >>= 16;
-		}
+		for (size_t k = 0; k < n_mask; k++)
+			rows[k] = mtlz_mc_keep(key, k, keep16) ? f[k % C] * scale : 0.0f;
 		run_head(c, &c->head[1], rows, mc, v, h0, h1);
 		for (int t = 0; t < mc; t++)
 			s += v[t];
@@ -559,7 +544,7 @@ static int cpu_run(void *ctx, const float *x, int n, int mc, mtlz_output *out,
 #pragma omp parallel for schedule(dynamic, 1) num_threads(MTLZ_MIN(n, c->n_threads)) if (mc > 0 || n > 16)
 	for (int i = 0; i < n; i++)
 		heads_one(c, i, mc, &out[i], omp_get_thread_num());
-	softmax_rows(c->logits, n, c->arch.n_classes, out);
+	softmax_rows(c->logits, n, c->arch.n_classes, c->inv_temp, out);
 	return MTLZ_OK;
 }
 

@@ -545,6 +545,26 @@ const char *mtlz_model_meta(const mtlz_model *m, const char *key)
 	return NULL;
 }
 
+/* T of {"temperature": T, ...}; 0 when the JSON is not that or T is not
+ * a finite number in (0, 100]. */
+static double parse_temperature(const char *s)
+{
+	json_t *o = json_loads(s, 0, NULL);
+	json_t *t = o ? json_object_get(o, "temperature") : NULL;
+	double T = json_is_number(t) ? json_number_value(t) : 0.0;
+
+	json_decref(o);
+	return isfinite(T) && T > 0.0 && T <= 100.0 ? T : 0.0;
+}
+
+double mtlz_model_temperature(const mtlz_model *m)
+{
+	const char *s = mtlz_model_meta(m, "mtlz.calibration");
+	double T = s ? parse_temperature(s) : 0.0;
+
+	return T > 0.0 ? T : 1.0;
+}
+
 size_t mtlz_model_meta_count(const mtlz_model *m) { return m->n_meta; }
 
 void mtlz_model_meta_at(const mtlz_model *m, size_t i, const char **key,
@@ -718,6 +738,13 @@ mtlz_model *mtlz_model_load_ext(const char *path, mtlz_st **extra, char *errstr,
 		mtlz_err(errstr, errstr_size, MTLZ_ERR_FORMAT,
 			 "%s: mtlz.target must be {\"offset\":x,\"scale\":y} "
 			 "with finite numbers and scale != 0", path);
+		goto out_free_model;
+	}
+	s = mtlz_st_meta(st, "mtlz.calibration");
+	if (s && parse_temperature(s) == 0.0) {
+		mtlz_err(errstr, errstr_size, MTLZ_ERR_FORMAT,
+			 "%s: mtlz.calibration must be a JSON object with a "
+			 "\"temperature\" in (0, 100]", path);
 		goto out_free_model;
 	}
 	/* Every expected tensor present with the right dtype and shape ... */

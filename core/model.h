@@ -98,6 +98,11 @@ const mtlz_grid *mtlz_model_grid(const mtlz_model *m);
 void mtlz_model_target(const mtlz_model *m, double *offset, double *scale);
 void mtlz_model_set_target(mtlz_model *m, double offset, double scale);
 const char *mtlz_model_class_name(const mtlz_model *m, int c);
+/* Temperature T of the class softmax, softmax(z / T), from the metadata key
+ * "mtlz.calibration" ({"method": "temperature", "temperature": T, ...},
+ * fitted on the validation split by mtlz-retrain); 1 when absent. Every
+ * engine applies it, so calibrated probabilities are what callers see. */
+double mtlz_model_temperature(const mtlz_model *m);
 size_t mtlz_model_n_params(const mtlz_model *m);
 
 /* Tensors in canonical order (the order they are written in). */
