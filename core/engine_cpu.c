@@ -482,9 +482,10 @@ static void softmax_rows(const float *logits, int n, int K, float inv_t,
 /* Heads of spectrum i: logits, the deterministic metallicity and, with
  * mc > 0, the MC-dropout passes of the metallicity head (sigma = population
  * std). Each spectrum is computed on its own, so its outputs do not depend
- * on the batch it came in, and its dropout masks are seeded from its own
- * features. */
-static void heads_one(struct cpu_ctx *c, int i, int mc, mtlz_output *o, int tid)
+ * on the batch it came in, and its dropout masks are keyed by its own
+ * input spectrum (mc_rng.h). */
+static void heads_one(struct cpu_ctx *c, const float *x, int i, int mc, mtlz_output *o,
+		      int tid)
 {
 	const int C = c->c_last;
 	const float *f = c->feat + (size_t)i * C;
@@ -502,7 +503,7 @@ static void heads_one(struct cpu_ctx *c, int i, int mc, mtlz_output *o, int tid)
 		/* Bernoulli(keep), resolved to 1/65536 (mc_rng.h) */
 		const uint32_t keep16 = (uint32_t)lrintf(keep * 65536.0f);
 		const size_t n_mask = (size_t)mc * C;
-		const uint64_t key = mtlz_mc_key(f, C, c->seed);
+		const uint64_t key = mtlz_mc_key(x, c->arch.input_length, c->seed);
 
 		for (size_t k = 0; k < n_mask; k++)
 			rows[k] = mtlz_mc_keep(key, k, keep16) ? f[k % C] * scale : 0.0f;
@@ -543,7 +544,7 @@ static int cpu_run(void *ctx, const float *x, int n, int mc, mtlz_output *out,
 	}
 #pragma omp parallel for schedule(dynamic, 1) num_threads(MTLZ_MIN(n, c->n_threads)) if (mc > 0 || n > 16)
 	for (int i = 0; i < n; i++)
-		heads_one(c, i, mc, &out[i], omp_get_thread_num());
+		heads_one(c, x + (size_t)i * L, i, mc, &out[i], omp_get_thread_num());
 	softmax_rows(c->logits, n, c->arch.n_classes, c->inv_temp, out);
 	return MTLZ_OK;
 }

@@ -1,8 +1,10 @@
 /*
  * mc_rng.h - the MC-dropout masks, shared by every engine (C and CUDA).
  *
- * A spectrum's masks are a pure function of (seed, its features, mask
- * index): the key is FNV-1a over the bits of its pooled features, and mask
+ * A spectrum's masks are a pure function of (seed, its input, mask index):
+ * the key is FNV-1a over the bits of the preprocessed input spectrum (the
+ * same bits whichever engine runs it; the features are not: their last bits
+ * depend on the engine's summation order), and mask
  * k of the mc x C masks is 16 bits of splitmix64 draw k / 4 of that key
  * (counter-based, so a GPU thread computes any mask on its own, and the CPU
  * and CUDA engines draw the same masks for the same features). A unit is

@@ -55,7 +55,8 @@ int mtlz_engine_set_model(mtlz_engine *e, const mtlz_model *m, char *errstr,
 /* Runs n <= max_batch spectra x[n][input_length]. mc_samples passes of the
  * metallicity head with dropout give metal_sigma (0: skip, NaN sigma).
  * The same spectrum gives the same sigma whatever batch it is in: each
- * spectrum's dropout masks are seeded from the seed and its own features. */
+ * spectrum's dropout masks are keyed by the seed and its own input
+ * (core/mc_rng.h), identically in every engine. */
 int mtlz_engine_run(mtlz_engine *e, const float *x, int n, int mc_samples,
 		    mtlz_output *out, char *errstr, size_t errstr_size);
 const char *mtlz_engine_name(const mtlz_engine *e);
