@@ -242,6 +242,25 @@ static int save_checkpoint(const char *path, mtlz_model *m, mtlz_trainer *t,
 	return rc;
 }
 
+/* The per-epoch history of the manifest: one object per complete epoch,
+ * with the key names that the plots read (docs/retrain.md). */
+static json_t *history_json(const mtlz_retrain_result *res, int n_epochs)
+{
+	json_t *h = json_array();
+
+	for (int e = 0; e < n_epochs; e++) {
+		const mtlz_epoch_log *l = &res->log[e];
+
+		json_array_append_new(h, json_pack("{s:i,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f}",
+			"epoch", e + 1, "train_class", l->train_cls, "train_metal",
+			l->train_metal, "train_total", l->train_total, "val_class", l->val_cls,
+			"val_metal", l->val_metal, "val_total", l->val_total, "w_class",
+			l->lambda[0], "w_metal", l->lambda[1], "lr", l->lr, "seconds",
+			l->seconds));
+	}
+	return h;
+}
+
 /* The training manifest stored in the output model's metadata. */
 static char *manifest(const mtlz_retrain_opts *o, const mtlz_retrain_result *res,
 		      const struct state *st)
@@ -280,6 +299,7 @@ static char *manifest(const mtlz_retrain_opts *o, const mtlz_retrain_result *res
 	json_object_set_new(j, "hyperparameters", hp);
 	json_object_set_new(j, "init", o->init ? json_string(o->init) : json_null());
 	json_object_set_new(j, "epochs_done", json_integer(st->epoch));
+	json_object_set_new(j, "history", history_json(res, st->epoch));
 	json_object_set_new(j, "final", json_pack("{s:f,s:f,s:f,s:f,s:i}",
 		"val_total", st->epoch ? res->log[st->epoch - 1].val_total : 0.0,
 		"test_accuracy", res->test_accuracy, "test_oh_sd", res->test_oh_sd,
