@@ -25,6 +25,10 @@ struct mtlz_engine_backend_i {
 	/* One line: ISA, threads, device. */
 	const char *(*describe)(void *ctx);
 	void (*free)(void *ctx);
+	/* The backend's own input buffer of max_batch x input_length floats
+	 * (pinned host memory on CUDA), or NULL: run() skips the copy when x is
+	 * this buffer (optional). */
+	float *(*input_buffer)(void *ctx);
 };
 
 extern const struct mtlz_engine_backend_i mtlz_engine_cpu;

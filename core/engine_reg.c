@@ -7,6 +7,7 @@
 #include "common.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -28,6 +29,7 @@ struct mtlz_engine {
 	int has_model;
 	int input_length;
 	mtlz_engine_stats stats;
+	char desc[512];     /* "auto" engines: the backend's line + the choice */
 };
 
 const char *mtlz_engine_kinds(void)
@@ -61,9 +63,32 @@ mtlz_engine *mtlz_engine_new(const mtlz_engine_opts *opts, char *errstr,
 			     size_t errstr_size)
 {
 	const char *kind = opts->kind ? opts->kind : "cpu";
-	const struct mtlz_engine_backend_i *be = mtlz_engine_backend_find(kind);
+	const struct mtlz_engine_backend_i *be;
 	mtlz_engine *e;
 
+	if (strcmp(kind, "auto") == 0) {
+		/* The GPU when one is usable; the reason it is not, in describe() */
+		char why[256] = "this build has no CUDA engine";
+		mtlz_engine_opts o = *opts;
+
+		if (mtlz_engine_backend_find("cuda")) {
+			o.kind = "cuda";
+			e = mtlz_engine_new(&o, why, sizeof(why));
+			if (e) {
+				snprintf(e->desc, sizeof(e->desc), "%s (engine auto: GPU found)",
+					 e->be->describe(e->ctx));
+				return e;
+			}
+		}
+		o.kind = "cpu";
+		o.precision = NULL;
+		e = mtlz_engine_new(&o, errstr, errstr_size);
+		if (e)
+			snprintf(e->desc, sizeof(e->desc), "%s (engine auto: no GPU: %s)",
+				 e->be->describe(e->ctx), why);
+		return e;
+	}
+	be = mtlz_engine_backend_find(kind);
 	if (!be) {
 		mtlz_err(errstr, errstr_size, MTLZ_ERR_UNSUPPORTED,
 			 "engine '%s' is not available in this build (have: %s)",
@@ -75,6 +100,13 @@ mtlz_engine *mtlz_engine_new(const mtlz_engine_opts *opts, char *errstr,
 		mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID,
 			 "engine options out of range (max_batch %d, threads %d, "
 			 "mc %d)", opts->max_batch, opts->n_threads, opts->mc_samples);
+		return NULL;
+	}
+	if (opts->precision && strcmp(opts->precision, "fp32") != 0 &&
+	    strcmp(be->name, "cuda") != 0) {
+		mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID,
+			 "engine %s: precision '%s' is a CUDA option (the CPU engine is fp32)",
+			 be->name, opts->precision);
 		return NULL;
 	}
 	e = calloc(1, sizeof(*e));
@@ -145,7 +177,44 @@ const char *mtlz_engine_name(const mtlz_engine *e) { return e->be->name; }
 
 const char *mtlz_engine_describe(const mtlz_engine *e)
 {
+	if (e->desc[0])
+		return e->desc;
 	return e->be->describe ? e->be->describe(e->ctx) : e->be->name;
+}
+
+float *mtlz_engine_input_buffer(mtlz_engine *e)
+{
+	return e->has_model && e->be->input_buffer ? e->be->input_buffer(e->ctx) : NULL;
+}
+
+int mtlz_engine_warmup(mtlz_engine *e, int mc_samples, char *errstr, size_t errstr_size)
+{
+	const int B = e->opts.max_batch, L = e->input_length;
+	mtlz_output *out;
+	float *x;
+	int rc = MTLZ_OK;
+
+	if (!e->has_model)
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID,
+				"engine %s: no model set", e->be->name);
+	x = malloc((size_t)B * L * sizeof(float));
+	out = malloc((size_t)B * sizeof(*out));
+	if (!x || !out) {
+		free(x);
+		free(out);
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory");
+	}
+	/* a flat continuum with a wiggle: finite, non-trivial features */
+	for (size_t i = 0; i < (size_t)B * L; i++)
+		x[i] = 1.0f + 0.1f * sinf((float)(i % (size_t)L) * 0.01f);
+	for (int n = 1; rc == MTLZ_OK; n = n < B && n * 2 > B ? B : n * 2) {
+		rc = e->be->run(e->ctx, x, n, mc_samples, out, errstr, errstr_size);
+		if (n == B)
+			break;
+	}
+	free(x);
+	free(out);
+	return rc;
 }
 
 void mtlz_engine_get_stats(const mtlz_engine *e, mtlz_engine_stats *s)

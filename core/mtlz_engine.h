@@ -23,11 +23,16 @@
 typedef struct mtlz_engine mtlz_engine;
 
 typedef struct mtlz_engine_opts {
-	const char *kind;   /* "cpu" (default when NULL) or "cuda" */
+	const char *kind;   /* "cpu" (default when NULL), "cuda", or "auto": the
+			     * GPU when one is usable, else the CPU (describe()
+			     * says which, and why not the GPU) */
 	int n_threads;      /* worker threads; 0 = one per online CPU */
 	int max_batch;      /* largest n passed to run(); buffers are sized once (64) */
 	int mc_samples;     /* MC-dropout passes reserved for (paper: 100); 0 = none */
 	uint64_t seed;      /* MC-dropout seed */
+	int device;         /* CUDA device ordinal (0; MTLZ_CUDA_DEVICE when 0) */
+	const char *precision; /* "fp32" (default when NULL) or "tf32" (CUDA only:
+				* tensor-core GEMMs, ~1e-3 relative error) */
 } mtlz_engine_opts;
 
 typedef struct mtlz_output {
@@ -59,6 +64,14 @@ int mtlz_engine_set_model(mtlz_engine *e, const mtlz_model *m, char *errstr,
  * (core/mc_rng.h), identically in every engine. */
 int mtlz_engine_run(mtlz_engine *e, const float *x, int n, int mc_samples,
 		    mtlz_output *out, char *errstr, size_t errstr_size);
+/* The engine's own input buffer (pinned host memory on CUDA) of
+ * max_batch x input_length floats, or NULL: preprocess into it and pass it
+ * as x to run() to save a copy. Valid until the next set_model(). */
+float *mtlz_engine_input_buffer(mtlz_engine *e);
+/* Runs one batch of every power-of-two size up to max_batch (and max_batch)
+ * with mc passes, so that graphs are captured and kernels loaded before the
+ * first real batch. */
+int mtlz_engine_warmup(mtlz_engine *e, int mc_samples, char *errstr, size_t errstr_size);
 const char *mtlz_engine_name(const mtlz_engine *e);
 /* A one-line description: backend, ISA, threads. */
 const char *mtlz_engine_describe(const mtlz_engine *e);

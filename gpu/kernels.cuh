@@ -1,0 +1,52 @@
+/*
+ * kernels.cuh - the CUDA engine's own kernels; the matrix work is cuBLAS
+ * (engine_cuda.cu). Activations are channels-last with `pad` zero rows
+ * around each spectrum: act[i][pad + t][c], row stride C.
+ *
+ * A convolution of Cin -> Cout channels, kernel k, is one GEMM
+ *   Z[i*Lin_pad + r][j*Cout + co] = sum_ci act[i][r][ci] * W[co][ci][j]
+ * (all k taps side by side, so N = k*Cout even where Cout is small), then
+ * an epilogue that adds the taps at their shifts, the bias and the ReLU,
+ * and for the second convolution of a block the max-pool:
+ *   y[i][t][co] = relu(b[co] + sum_j Z[i*Lin_pad + t + j][j*Cout + co]).
+ * Each launch writes every element of its output, padding rows included.
+ */
+#ifndef MTLZ_GPU_KERNELS_CUH
+#define MTLZ_GPU_KERNELS_CUH
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+/* Cin = 1 first layer straight from the unpadded input x[n][L] (no GEMM:
+ * K = 1 would waste it). W[Cout][1][k]. */
+void mtlz_cu_conv_first(const float *x, int n, int L, const float *w, const float *b,
+			int Cout, int k, int pad, float *y, cudaStream_t s);
+/* Epilogue, no pool: y[n][Lout + 2 pad][Cout]. */
+void mtlz_cu_conv_epilogue(const float *Z, int n, int Lin_pad, int Lout, int Cout, int k,
+			   const float *b, int pad, float *y, cudaStream_t s);
+/* Epilogue with max-pool (window = stride = pool): y[n][Lp + 2 pad][Cout]. */
+void mtlz_cu_conv_epilogue_pool(const float *Z, int n, int Lin_pad, int Lout, int Cout,
+				int k, const float *b, int pool, int pad, float *y,
+				cudaStream_t s);
+/* Global average pool of act[n][L + 2 pad][C] over the L inner rows. */
+void mtlz_cu_gap(const float *act, int n, int L, int C, int pad, float *g, cudaStream_t s);
+/* Squeeze-and-excitation on the pooled vector: feat = g * sigmoid(W2 relu(W1 g + b1) + b2)
+ * (GAP(x * s) = s * GAP(x), as in the CPU engine). H = C / r <= 1024. */
+void mtlz_cu_attention(const float *g, int n, int C, int H, const float *w1,
+		       const float *b1, const float *w2, const float *b2, float *feat,
+		       cudaStream_t s);
+/* y[rows][cols] += b[cols]; relu when asked. */
+void mtlz_cu_bias_act(float *y, size_t rows, int cols, const float *b, int relu,
+		      cudaStream_t s);
+/* MC-dropout keys: key[i] = mtlz_mc_key(x[i], L, seed). */
+void mtlz_cu_mc_keys(const float *x, int n, int L, uint64_t seed, uint64_t *key,
+		     cudaStream_t s);
+/* rows[i*mc + t][c] = keep(key[i], t*C + c) ? feat[i][c] / keep : 0. */
+void mtlz_cu_mc_rows(const float *feat, const uint64_t *key, int n, int mc, int C,
+		     uint32_t keep16, float scale, float *rows, cudaStream_t s);
+/* sigma[i] = population std of v[i*mc .. i*mc + mc) (double sums). */
+void mtlz_cu_mc_sigma(const float *v, int n, int mc, double *sigma, cudaStream_t s);
+/* Fills n floats with NaN (poison mode: proves every output is written). */
+void mtlz_cu_poison(float *p, size_t n, cudaStream_t s);
+
+#endif

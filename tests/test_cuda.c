@@ -1,0 +1,450 @@
+/*
+ * test_cuda.c - the CUDA engine against the CPU engine (an independent
+ * implementation: our AVX2 kernels and OpenBLAS vs cuBLAS and gpu/
+ * kernels), on the paper's architecture and on a small odd-sized one:
+ * forward outputs (relative error <= 1e-4 in fp32), MC-dropout sigma (same
+ * masks, core/mc_rng.h), poisoned buffers (every element written), batch
+ * independence, a model swap under captured graphs, TF32, and the error
+ * paths (no device, a device that does not exist, out of memory, engine
+ * auto). Where no CUDA device is present (CI) the parity tests are skipped
+ * with the reason, and the no-device behaviour is tested instead.
+ */
+#include "common.h"
+#include "model.h"
+#include "mtlz_engine.h"
+
+#include <criterion/criterion.h>
+#include <criterion/logging.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static char why_no_gpu[256];
+
+/* 1 when this build has the CUDA engine and a device answers. */
+static int have_gpu(void)
+{
+	mtlz_engine_opts o;
+	mtlz_engine *e;
+
+	if (!strstr(mtlz_engine_kinds(), "cuda")) {
+		snprintf(why_no_gpu, sizeof(why_no_gpu), "this build has no CUDA engine");
+		return 0;
+	}
+	mtlz_engine_opts_default(&o);
+	o.kind = "cuda";
+	e = mtlz_engine_new(&o, why_no_gpu, sizeof(why_no_gpu));
+	mtlz_engine_free(e);
+	return e != NULL;
+}
+
+#define NEED_GPU()                                                           \
+	do {                                                                 \
+		if (!have_gpu())                                             \
+			cr_skip_test("no CUDA device: %s", why_no_gpu);      \
+	} while (0)
+
+/* Spectrum-like inputs: continuum near 1, a few emission lines, noise. */
+static void spectra(float *x, int n, int L, uint64_t seed)
+{
+	mtlz_rng r;
+
+	mtlz_rng_seed(&r, seed);
+	for (int i = 0; i < n; i++) {
+		const double tilt = 0.5 * (mtlz_rng_uniform(&r) - 0.5);
+
+		for (int t = 0; t < L; t++) {
+			double v = 1.0 + tilt * ((double)t / L - 0.5) +
+				   0.05 * (mtlz_rng_uniform(&r) - 0.5);
+
+			for (int l = 1; l <= 3; l++) {
+				const double d = (t - 0.2 * l * L) / 3.0;
+
+				v += (1.0 + i % 4) * 0.5 * exp(-0.5 * d * d);
+			}
+			x[(size_t)i * L + t] = (float)v;
+		}
+	}
+}
+
+static mtlz_model *paper_model(uint64_t seed)
+{
+	mtlz_arch a;
+	mtlz_grid g;
+	char err[256];
+	mtlz_model *m;
+
+	mtlz_arch_default(&a);
+	mtlz_grid_default(&g);
+	m = mtlz_model_new_random(&a, &g, seed, err, sizeof(err));
+	cr_assert_not_null(m, "%s", err);
+	mtlz_model_init_he(m, seed); /* live activations through all layers */
+	mtlz_model_set_target(m, 0.0, 1.0);
+	return m;
+}
+
+/* A small architecture with odd sizes (not multiples of any tile). */
+static mtlz_model *odd_model(uint64_t seed, int attention)
+{
+	mtlz_arch a;
+	mtlz_grid g;
+	char err[256];
+	mtlz_model *m;
+
+	memset(&a, 0, sizeof(a));
+	a.input_length = 401;
+	a.n_blocks = 3;
+	a.channels[0] = 5;
+	a.channels[1] = 12;
+	a.channels[2] = 33;
+	a.kernel = 5;
+	a.padding = 2;
+	a.pool = 2;
+	a.attention_reduction = attention ? 3 : 0;
+	a.n_hidden = 2;
+	a.hidden[0] = 19;
+	a.hidden[1] = 7;
+	a.n_classes = 4;
+	a.dropout = 0.3f;
+	g.wmin = 4000;
+	g.dw = 1;
+	g.wmax = 4400;
+	m = mtlz_model_new_random(&a, &g, seed, err, sizeof(err));
+	cr_assert_not_null(m, "%s", err);
+	mtlz_model_init_he(m, seed);
+	return m;
+}
+
+static mtlz_engine *engine(const char *kind, const mtlz_model *m, int max_batch, int mc,
+			   const char *precision)
+{
+	mtlz_engine_opts o;
+	mtlz_engine *e;
+	char err[512];
+
+	mtlz_engine_opts_default(&o);
+	o.kind = kind;
+	o.max_batch = max_batch;
+	o.mc_samples = mc;
+	o.precision = precision;
+	e = mtlz_engine_new(&o, err, sizeof(err));
+	cr_assert_not_null(e, "%s engine: %s", kind, err);
+	cr_assert_eq(mtlz_engine_set_model(e, m, err, sizeof(err)), MTLZ_OK, "%s", err);
+	return e;
+}
+
+static void run(mtlz_engine *e, const float *x, int n, int mc, mtlz_output *o)
+{
+	char err[512];
+
+	for (int i = 0; i < n; i++)
+		o[i].metal = o[i].metal_sigma = NAN;
+	cr_assert_eq(mtlz_engine_run(e, x, n, mc, o, err, sizeof(err)), MTLZ_OK, "%s", err);
+}
+
+struct errs {
+	double prob, metal, sigma;
+};
+
+/* ||a - b|| / ||b|| over the batch, for probabilities, metallicity, sigma */
+static struct errs compare(const mtlz_output *a, const mtlz_output *b, int n, int K)
+{
+	double dp = 0, np = 0, dm = 0, nm = 0, ds = 0, ns = 0;
+	struct errs r;
+
+	for (int i = 0; i < n; i++) {
+		for (int k = 0; k < K; k++) {
+			cr_assert(isfinite(a[i].prob[k]), "spectrum %d prob %d not finite", i, k);
+			dp += pow(a[i].prob[k] - b[i].prob[k], 2);
+			np += pow(b[i].prob[k], 2);
+		}
+		cr_assert(isfinite(a[i].metal), "spectrum %d metallicity not finite", i);
+		dm += pow(a[i].metal - b[i].metal, 2);
+		nm += pow(b[i].metal, 2);
+		if (!isnan(b[i].metal_sigma)) {
+			cr_assert(isfinite(a[i].metal_sigma), "spectrum %d sigma not finite", i);
+			ds += pow(a[i].metal_sigma - b[i].metal_sigma, 2);
+			ns += pow(b[i].metal_sigma, 2);
+		}
+	}
+	r.prob = sqrt(dp / fmax(np, 1e-30));
+	r.metal = sqrt(dm / fmax(nm, 1e-30));
+	r.sigma = ns > 0 ? sqrt(ds / ns) : 0;
+	return r;
+}
+
+static void parity(mtlz_model *m, const int *sizes, int n_sizes, int mc, double tol)
+{
+	const int L = mtlz_model_arch(m)->input_length, K = mtlz_model_arch(m)->n_classes;
+	int B = 0;
+
+	for (int s = 0; s < n_sizes; s++)
+		B = sizes[s] > B ? sizes[s] : B;
+	{
+		float *x = malloc((size_t)B * L * sizeof(float));
+		mtlz_output *oc = calloc((size_t)B, sizeof(*oc)), *og = calloc((size_t)B, sizeof(*og));
+		mtlz_engine *cpu = engine("cpu", m, B, mc, NULL), *gpu = engine("cuda", m, B, mc, NULL);
+
+		for (int s = 0; s < n_sizes; s++) {
+			struct errs e;
+
+			spectra(x, sizes[s], L, 100 + (uint64_t)s);
+			run(cpu, x, sizes[s], mc, oc);
+			run(gpu, x, sizes[s], mc, og);
+			e = compare(og, oc, sizes[s], K);
+			cr_log_info("batch %d mc %d: rel err prob %.2e metal %.2e sigma %.2e",
+				    sizes[s], mc, e.prob, e.metal, e.sigma);
+			cr_assert_leq(e.prob, tol, "batch %d: prob rel err %g", sizes[s], e.prob);
+			cr_assert_leq(e.metal, tol, "batch %d: metal rel err %g", sizes[s], e.metal);
+			cr_assert_leq(e.sigma, 10 * tol, "batch %d: sigma rel err %g", sizes[s], e.sigma);
+			for (int i = 0; i < sizes[s]; i++)
+				cr_assert_eq(og[i].cls, oc[i].cls, "spectrum %d: class %d vs %d", i,
+					     og[i].cls, oc[i].cls);
+		}
+		mtlz_engine_free(cpu);
+		mtlz_engine_free(gpu);
+		free(x);
+		free(oc);
+		free(og);
+	}
+}
+
+Test(cuda, forward_matches_cpu_paper_model, .timeout = 300)
+{
+	static const int sizes[] = { 1, 3, 64, 65, 200 }; /* graphs (<= 64) and direct */
+	mtlz_model *m;
+
+	NEED_GPU();
+	m = paper_model(11);
+	parity(m, sizes, 5, 0, 1e-4);
+	mtlz_model_free(m);
+}
+
+Test(cuda, forward_matches_cpu_odd_model_with_and_without_attention)
+{
+	static const int sizes[] = { 1, 7, 33 };
+
+	NEED_GPU();
+	for (int att = 0; att <= 1; att++) {
+		mtlz_model *m = odd_model(21 + (uint64_t)att, att);
+
+		parity(m, sizes, 3, 0, 1e-4);
+		mtlz_model_free(m);
+	}
+}
+
+Test(cuda, mc_dropout_sigma_matches_cpu_same_masks, .timeout = 300)
+{
+	static const int sizes[] = { 2, 40 };
+	mtlz_model *m;
+
+	NEED_GPU();
+	m = paper_model(12);
+	parity(m, sizes, 2, 100, 1e-4);
+	mtlz_model_free(m);
+}
+
+Test(cuda, poisoned_buffers_every_element_written)
+{
+	const int n = 9, L = 5161, K = 4;
+	mtlz_model *m;
+	mtlz_engine *clean, *poisoned;
+	mtlz_output a[9], b[9];
+	float *x;
+	struct errs e;
+
+	NEED_GPU();
+	m = paper_model(13);
+	x = malloc((size_t)n * L * sizeof(float));
+	spectra(x, n, L, 5);
+	setenv("MTLZ_CUDA_GRAPHS", "0", 1);
+	clean = engine("cuda", m, n, 20, NULL);
+	setenv("MTLZ_CUDA_POISON", "1", 1);
+	poisoned = engine("cuda", m, n, 20, NULL);
+	unsetenv("MTLZ_CUDA_POISON");
+	unsetenv("MTLZ_CUDA_GRAPHS");
+	cr_assert(strstr(mtlz_engine_describe(poisoned), "POISON"), "%s",
+		  mtlz_engine_describe(poisoned));
+	run(clean, x, n, 20, a);
+	run(poisoned, x, n, 20, b);
+	/* NaN anywhere that was read before written would reach the outputs */
+	e = compare(b, a, n, K);
+	cr_assert_eq(e.prob, 0.0, "poisoned run differs: %g", e.prob);
+	cr_assert_eq(e.metal, 0.0, "poisoned run differs: %g", e.metal);
+	cr_assert_eq(e.sigma, 0.0, "poisoned run differs: %g", e.sigma);
+	mtlz_engine_free(clean);
+	mtlz_engine_free(poisoned);
+	mtlz_model_free(m);
+	free(x);
+}
+
+Test(cuda, spectrum_result_independent_of_batch_and_graph)
+{
+	const int L = 5161;
+	mtlz_model *m;
+	mtlz_engine *g;
+	mtlz_output big[100], one;
+	float *x;
+
+	NEED_GPU();
+	m = paper_model(14);
+	x = malloc((size_t)100 * L * sizeof(float));
+	spectra(x, 100, L, 6);
+	g = engine("cuda", m, 100, 30, NULL);
+	run(g, x, 100, 30, big);
+	for (int i = 0; i < 100; i += 33) {
+		run(g, x + (size_t)i * L, 1, 30, &one); /* graph path */
+		cr_assert_float_eq(one.metal, big[i].metal, 1e-5 * fabs(big[i].metal) + 1e-6);
+		cr_assert_float_eq(one.metal_sigma, big[i].metal_sigma,
+				   1e-4 * big[i].metal_sigma + 1e-7);
+		cr_assert_float_eq(one.prob[0], big[i].prob[0], 1e-5);
+	}
+	mtlz_engine_free(g);
+	mtlz_model_free(m);
+	free(x);
+}
+
+Test(cuda, model_swap_between_batches_under_graphs)
+{
+	static const int sizes[] = { 4 };
+	const int L = 5161, K = 4;
+	mtlz_model *a, *b;
+	mtlz_engine *g, *cpu;
+	mtlz_output og[4], oc[4];
+	float *x;
+	char err[512];
+	struct errs e;
+
+	NEED_GPU();
+	a = paper_model(15);
+	b = paper_model(16);
+	mtlz_model_set_meta(b, "mtlz.calibration", "{\"method\":\"temperature\",\"temperature\":1.7}");
+	x = malloc((size_t)4 * L * sizeof(float));
+	spectra(x, 4, L, 7);
+	g = engine("cuda", a, 4, 10, NULL);
+	run(g, x, 4, 10, og); /* captures the graph for (4, 10) with model a */
+	cr_assert_eq(mtlz_engine_set_model(g, b, err, sizeof(err)), MTLZ_OK, "%s", err);
+	cpu = engine("cpu", b, 4, 10, NULL);
+	run(g, x, 4, 10, og);
+	run(cpu, x, 4, 10, oc);
+	e = compare(og, oc, 4, K);
+	cr_assert_leq(e.prob, 1e-4, "after swap: prob rel err %g", e.prob);
+	cr_assert_leq(e.metal, 1e-4, "after swap: metal rel err %g", e.metal);
+	(void)sizes;
+	mtlz_engine_free(g);
+	mtlz_engine_free(cpu);
+	mtlz_model_free(a);
+	mtlz_model_free(b);
+	free(x);
+}
+
+Test(cuda, tf32_is_an_explicit_option_with_measured_error)
+{
+	const int n = 32, L = 5161, K = 4;
+	mtlz_model *m;
+	mtlz_engine *t, *cpu;
+	mtlz_output ot[32], oc[32];
+	float *x;
+	struct errs e;
+
+	NEED_GPU();
+	m = paper_model(17);
+	x = malloc((size_t)n * L * sizeof(float));
+	spectra(x, n, L, 8);
+	t = engine("cuda", m, n, 0, "tf32");
+	cr_assert(strstr(mtlz_engine_describe(t), "precision=tf32"));
+	cpu = engine("cpu", m, n, 0, NULL);
+	run(t, x, n, 0, ot);
+	run(cpu, x, n, 0, oc);
+	e = compare(ot, oc, n, K);
+	cr_log_info("tf32 vs cpu fp32: rel err prob %.2e metal %.2e", e.prob, e.metal);
+	cr_assert_leq(e.prob, 1e-2, "tf32 prob rel err %g", e.prob);
+	cr_assert_leq(e.metal, 1e-2, "tf32 metal rel err %g", e.metal);
+	mtlz_engine_free(t);
+	mtlz_engine_free(cpu);
+	mtlz_model_free(m);
+	free(x);
+}
+
+Test(cuda, device_that_does_not_exist_is_refused)
+{
+	mtlz_engine_opts o;
+	char err[256] = "";
+
+	NEED_GPU();
+	mtlz_engine_opts_default(&o);
+	o.kind = "cuda";
+	o.device = 999;
+	cr_assert_null(mtlz_engine_new(&o, err, sizeof(err)));
+	cr_assert(strstr(err, "device 999 requested"), "%s", err);
+}
+
+Test(cuda, out_of_memory_is_a_clear_error_and_engine_survives)
+{
+	mtlz_model *m;
+	mtlz_engine_opts o;
+	mtlz_engine *e;
+	char err[512] = "";
+
+	NEED_GPU();
+	m = paper_model(18);
+	mtlz_engine_opts_default(&o);
+	o.kind = "cuda";
+	o.max_batch = 65536; /* 65536 x 10000 MC rows: terabytes */
+	o.mc_samples = 10000;
+	e = mtlz_engine_new(&o, err, sizeof(err));
+	cr_assert_not_null(e, "%s", err);
+	cr_assert_neq(mtlz_engine_set_model(e, m, err, sizeof(err)), MTLZ_OK);
+	cr_assert(strstr(err, "cannot reserve"), "%s", err);
+	cr_log_info("%s", err);
+	mtlz_engine_free(e);
+	/* the device is still usable afterwards */
+	e = engine("cuda", m, 2, 0, NULL);
+	mtlz_engine_free(e);
+	mtlz_model_free(m);
+}
+
+/* These run everywhere, CI included: without a device, asking for the GPU
+ * fails loudly and auto says why it chose the CPU. */
+Test(cuda, without_device_cuda_fails_loudly_and_auto_says_why)
+{
+	mtlz_engine_opts o;
+	mtlz_engine *e;
+	char err[256] = "";
+
+	if (have_gpu()) {
+		mtlz_engine_opts_default(&o);
+		o.kind = "auto";
+		e = mtlz_engine_new(&o, err, sizeof(err));
+		cr_assert_not_null(e, "%s", err);
+		cr_assert(strstr(mtlz_engine_describe(e), "GPU found"), "%s",
+			  mtlz_engine_describe(e));
+		cr_assert_str_eq(mtlz_engine_name(e), "cuda");
+		mtlz_engine_free(e);
+		return;
+	}
+	mtlz_engine_opts_default(&o);
+	o.kind = "cuda";
+	e = mtlz_engine_new(&o, err, sizeof(err));
+	cr_assert_null(e, "cuda engine created without a device");
+	cr_assert(strstr(err, "cuda"), "%s", err);
+	o.kind = "auto";
+	e = mtlz_engine_new(&o, err, sizeof(err));
+	cr_assert_not_null(e, "%s", err);
+	cr_assert_str_eq(mtlz_engine_name(e), "cpu");
+	cr_assert(strstr(mtlz_engine_describe(e), "no GPU"), "%s", mtlz_engine_describe(e));
+	mtlz_engine_free(e);
+}
+
+Test(cuda, precision_tf32_refused_by_cpu_engine)
+{
+	mtlz_engine_opts o;
+	char err[256] = "";
+
+	mtlz_engine_opts_default(&o);
+	o.kind = "cpu";
+	o.precision = "tf32";
+	cr_assert_null(mtlz_engine_new(&o, err, sizeof(err)));
+	cr_assert(strstr(err, "CUDA option"), "%s", err);
+}
