@@ -518,7 +518,7 @@ static int enqueue(struct cuda_ctx *c, int n, int mc, char *errstr, size_t errst
 static int graph_for(struct cuda_ctx *c, int n, int mc, cudaGraphExec_t *exec, char *errstr,
 		     size_t errstr_size)
 {
-	cudaGraph_t g;
+	cudaGraph_t g = NULL;
 	int rc;
 
 	*exec = NULL;

@@ -270,9 +270,9 @@ Test(cuda, poisoned_buffers_every_element_written)
 	run(poisoned, x, n, 20, b);
 	/* NaN anywhere that was read before written would reach the outputs */
 	e = compare(b, a, n, K);
-	cr_assert_eq(e.prob, 0.0, "poisoned run differs: %g", e.prob);
-	cr_assert_eq(e.metal, 0.0, "poisoned run differs: %g", e.metal);
-	cr_assert_eq(e.sigma, 0.0, "poisoned run differs: %g", e.sigma);
+	cr_assert_leq(e.prob, 1e-6, "poisoned run differs: %g", e.prob);
+	cr_assert_leq(e.metal, 1e-6, "poisoned run differs: %g", e.metal);
+	cr_assert_leq(e.sigma, 1e-6, "poisoned run differs: %g", e.sigma);
 	mtlz_engine_free(clean);
 	mtlz_engine_free(poisoned);
 	mtlz_model_free(m);

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The CUDA checks, in one call on a GPU machine (docs/cuda.md): the CUDA
+# test suite, the CPU engine's tests, and the side-by-side inference
+# benchmark against PyTorch. Expects .devrun/ (made by bench/device_bundle.sh
+# on the build machine: bin/, lib/, model.safetensors); logs go to $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$(mktemp -d)}
+py_lib() { python3 -c "import os, $1 as m; print(os.path.join(list(m.__path__)[0], 'lib'))" 2>/dev/null; }
+export LD_LIBRARY_PATH="$PWD/.devrun/lib:/usr/local/cuda/lib64:$(py_lib nvidia.cu13):$(py_lib nvidia.cublas):$(py_lib nvidia.cuda_runtime):${LD_LIBRARY_PATH:-}"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/nvidia-smi.txt"
+ldd .devrun/bin/test_cuda | grep -E "not found|cublas|cudart"
+echo "== test_cuda"
+timeout 150 .devrun/bin/test_cuda --verbose --jobs 2 >"$OUT/test_cuda.log" 2>&1
+echo "rc=$?"
+grep -E "^\[(PASS|FAIL|SKIP)|Synthesis|rel err|cannot reserve|Assert|\[ERR" "$OUT/test_cuda.log" | cut -c1-300
+echo "== test_engine"
+timeout 60 .devrun/bin/test_engine --jobs 4 2>&1 | tail -1
+echo "== bench"
+timeout "${BENCH_TIMEOUT:-280}" python3 -u bench/gpu_vs_torch.py --mtlz .devrun/bin/mtlz \
+	--model .devrun/model.safetensors --seconds 1 --compile-budget 100 2>&1 | tee "$OUT/bench.log"
