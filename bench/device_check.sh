@@ -16,6 +16,9 @@ echo "rc=$?"
 grep -E "^\[(PASS|FAIL|SKIP)|Synthesis|rel err|cannot reserve|Assert|\[ERR" "$OUT/test_cuda.log" | cut -c1-300
 echo "== test_engine"
 timeout 60 .devrun/bin/test_engine --jobs 4 2>&1 | tail -1
+echo "== profile (events between stages, no graphs)"
+MTLZ_CUDA_PROFILE=1 timeout 60 .devrun/bin/mtlz bench --engine cuda --batch 1,64,4096 --threads 1 \
+	--seconds 1 --no-preprocess 2>&1 | tee "$OUT/profile.log"
 echo "== bench"
 timeout "${BENCH_TIMEOUT:-280}" python3 -u bench/gpu_vs_torch.py --mtlz .devrun/bin/mtlz \
 	--model .devrun/model.safetensors --seconds 1 --compile-budget 100 2>&1 | tee "$OUT/bench.log"

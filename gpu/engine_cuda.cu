@@ -22,7 +22,9 @@
  * Environment (for tests and benches): MTLZ_CUDA_DEVICE (ordinal, default
  * 0), MTLZ_CUDA_GRAPHS (largest batch replayed from a graph, default 64;
  * 0 = never), MTLZ_CUDA_POISON=1 (fill every intermediate buffer with NaN
- * before each batch: an element a kernel fails to write shows up as NaN).
+ * before each batch: an element a kernel fails to write shows up as NaN),
+ * MTLZ_CUDA_PROFILE=1 (events between stages, no graphs; the mean time of
+ * each stage per batch size is printed to stderr when the engine is freed).
  */
 #include "common.cuh"
 #include "kernels.cuh"
@@ -59,6 +61,16 @@ struct cu_graph {
 	cudaGraphExec_t exec;
 };
 
+#define MAX_STAGES 32
+#define MAX_PROF 8
+
+/* MTLZ_CUDA_PROFILE: per batch size, the summed time of each stage */
+struct cu_prof {
+	int n, calls, n_stages;
+	const char *name[MAX_STAGES];
+	double ms[MAX_STAGES];
+};
+
 struct cuda_ctx {
 	int dev, max_batch, mc_reserved, tf32, poison, graph_max;
 	uint64_t seed;
@@ -87,7 +99,63 @@ struct cuda_ctx {
 
 	struct cu_graph graphs[MAX_GRAPHS];
 	int n_graphs;
+
+	int profile, n_ev;
+	cudaEvent_t ev[MAX_STAGES + 1];
+	const char *ev_name[MAX_STAGES + 1];
+	struct cu_prof prof[MAX_PROF];
+	int n_prof;
 };
+
+/* Profile mode: an event after a stage. */
+static void mark(struct cuda_ctx *c, const char *name)
+{
+	if (!c->profile || c->n_ev > MAX_STAGES)
+		return;
+	c->ev_name[c->n_ev] = name;
+	cudaEventRecord(c->ev[c->n_ev++], c->st);
+}
+
+static void prof_collect(struct cuda_ctx *c, int n)
+{
+	struct cu_prof *p = NULL;
+
+	for (int i = 0; i < c->n_prof; i++)
+		if (c->prof[i].n == n)
+			p = &c->prof[i];
+	if (!p && c->n_prof < MAX_PROF) {
+		p = &c->prof[c->n_prof++];
+		memset(p, 0, sizeof(*p));
+		p->n = n;
+	}
+	if (!p)
+		return;
+	p->calls++;
+	p->n_stages = c->n_ev - 1;
+	for (int i = 1; i < c->n_ev; i++) {
+		float ms = 0;
+
+		cudaEventElapsedTime(&ms, c->ev[i - 1], c->ev[i]);
+		p->name[i - 1] = c->ev_name[i];
+		p->ms[i - 1] += ms;
+	}
+}
+
+static void prof_print(const struct cuda_ctx *c)
+{
+	for (int i = 0; i < c->n_prof; i++) {
+		const struct cu_prof *p = &c->prof[i];
+		double tot = 0;
+
+		for (int s = 0; s < p->n_stages; s++)
+			tot += p->ms[s];
+		fprintf(stderr, "cuda profile: batch %d, %d calls, %.3f ms per batch:\n", p->n,
+			p->calls, tot / p->calls);
+		for (int s = 0; s < p->n_stages; s++)
+			fprintf(stderr, "  %-22s %9.3f ms %5.1f%%\n", p->name[s], p->ms[s] / p->calls,
+				100 * p->ms[s] / tot);
+	}
+}
 
 static int env_int(const char *name, int dflt)
 {
@@ -184,7 +252,8 @@ static void *cuda_init(const mtlz_engine_opts *o, char *errstr, size_t errstr_si
 	c->seed = o->seed;
 	c->tf32 = strcmp(prec, "tf32") == 0;
 	c->poison = env_int("MTLZ_CUDA_POISON", 0) != 0;
-	c->graph_max = c->poison ? 0 : env_int("MTLZ_CUDA_GRAPHS", 64);
+	c->profile = env_int("MTLZ_CUDA_PROFILE", 0) != 0;
+	c->graph_max = c->poison || c->profile ? 0 : env_int("MTLZ_CUDA_GRAPHS", 64);
 	if ((e = cudaSetDevice(dev)) != cudaSuccess ||
 	    (e = cudaGetDeviceProperties(&p, dev)) != cudaSuccess ||
 	    (e = cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking)) != cudaSuccess ||
@@ -205,6 +274,8 @@ static void *cuda_init(const mtlz_engine_opts *o, char *errstr, size_t errstr_si
 		free(c);
 		return NULL;
 	}
+	for (int i = 0; c->profile && i <= MAX_STAGES; i++)
+		cudaEventCreate(&c->ev[i]);
 	snprintf(c->desc, sizeof(c->desc),
 		 "cuda device=%d %.64s (sm_%d%d, %d SMs, %.1f GiB) precision=%s graphs<=%d%s",
 		 dev, p.name, p.major, p.minor, p.multiProcessorCount,
@@ -451,8 +522,11 @@ static int enqueue(struct cuda_ctx *c, int n, int mc, char *errstr, size_t errst
 	float *in = c->act0, *out = c->act1, *t;
 	int rc;
 
+	c->n_ev = 0;
+	mark(c, "start");
 	CU_TRY(cudaMemcpyAsync(c->x, c->hx, (size_t)n * L * sizeof(float),
 			       cudaMemcpyHostToDevice, c->st));
+	mark(c, "copy in");
 	if (c->poison)
 		poison_all(c, n, mc);
 	for (int i = 0; i < c->n_conv; i++) {
@@ -475,6 +549,15 @@ static int enqueue(struct cuda_ctx *c, int n, int mc, char *errstr, size_t errst
 						      Lr->b, pad, out, c->st);
 			LAUNCH_TRY(Lr->pool ? "conv_epilogue_pool" : "conv_epilogue");
 		}
+		{
+			static const char *const names[MAX_LAYERS] = {
+				"conv 1.1", "conv 1.2+pool", "conv 2.1", "conv 2.2+pool",
+				"conv 3.1", "conv 3.2+pool", "conv 4.1", "conv 4.2+pool",
+				"conv 5.1", "conv 5.2+pool", "conv 6.1", "conv 6.2+pool",
+				"conv 7.1", "conv 7.2+pool", "conv 8.1", "conv 8.2+pool" };
+
+			mark(c, names[i]);
+		}
 		t = in; in = out; out = t;
 	}
 	mtlz_cu_gap(in, n, c->len_last, C, pad, c->g, c->st);
@@ -487,9 +570,11 @@ static int enqueue(struct cuda_ctx *c, int n, int mc, char *errstr, size_t errst
 		CU_TRY(cudaMemcpyAsync(c->feat, c->g, (size_t)n * C * sizeof(float),
 				       cudaMemcpyDeviceToDevice, c->st));
 	}
+	mark(c, "gap+attention");
 	if ((rc = run_head(c, &c->head[0], c->feat, n, c->logits, errstr, errstr_size)) ||
 	    (rc = run_head(c, &c->head[1], c->feat, n, c->metal, errstr, errstr_size)))
 		return rc;
+	mark(c, "heads");
 	if (do_mc) {
 		const float keep = 1.0f - c->dropout;
 
@@ -503,6 +588,7 @@ static int enqueue(struct cuda_ctx *c, int n, int mc, char *errstr, size_t errst
 			return rc;
 		mtlz_cu_mc_sigma(c->mc_out, n, mc, c->sigma, c->st);
 		LAUNCH_TRY("mc_sigma");
+		mark(c, "mc dropout");
 		CU_TRY(cudaMemcpyAsync(c->h_sigma, c->sigma, (size_t)n * sizeof(double),
 				       cudaMemcpyDeviceToHost, c->st));
 	}
@@ -510,6 +596,7 @@ static int enqueue(struct cuda_ctx *c, int n, int mc, char *errstr, size_t errst
 			       cudaMemcpyDeviceToHost, c->st));
 	CU_TRY(cudaMemcpyAsync(c->h_metal, c->metal, (size_t)n * sizeof(float),
 			       cudaMemcpyDeviceToHost, c->st));
+	mark(c, "copy out");
 	return MTLZ_OK;
 }
 
@@ -575,6 +662,8 @@ static int cuda_run(void *ctx, const float *x, int n, int mc, mtlz_output *out, 
 	else if ((rc = enqueue(c, n, mc, errstr, errstr_size)))
 		return rc;
 	CU_TRY(cudaStreamSynchronize(c->st));
+	if (c->profile)
+		prof_collect(c, n);
 	for (int i = 0; i < n; i++) {
 		const float *z = c->h_logits + (size_t)i * K;
 		float mx = z[0], s = 0.0f;
@@ -616,6 +705,11 @@ static void cuda_free(void *ctx)
 	if (!c)
 		return;
 	cudaSetDevice(c->dev);
+	if (c->profile) {
+		prof_print(c);
+		for (int i = 0; i <= MAX_STAGES; i++)
+			cudaEventDestroy(c->ev[i]);
+	}
 	free_buffers(c);
 	free_weights(c);
 	cublasDestroy(c->blas);
