@@ -10,6 +10,12 @@
  * through mtlz_model_load_ext) with optim.adam_m / optim.adam_v tensors and
  * the training state as JSON in metadata "mtlz.checkpoint", written
  * atomically.
+ *
+ * Calibration: after the last epoch the class temperature is fitted on the
+ * validation split (calib.h) and stored in "mtlz.calibration" of the
+ * written model; the manifest also scores it on the test split. A model
+ * being trained never carries a calibration: an --init model's is dropped
+ * (its logits change), so checkpoints and uncalibrated outputs have none.
  */
 #define _POSIX_C_SOURCE 200809L
 #include "retrain.h"
@@ -63,6 +69,12 @@ static uint64_t mix(uint64_t a, uint64_t b)
 	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
 	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
 	return z ^ (z >> 31);
+}
+
+void mtlz_retrain_split(const int *cls, size_t n, double frac_train, double frac_val,
+			uint64_t seed, uint8_t *part)
+{
+	mtlz_split_stratified(cls, n, 4, frac_train, frac_val, mix(seed, 2), part);
 }
 
 static void shuffle(size_t *v, size_t n, uint64_t seed)
@@ -242,6 +254,88 @@ static int save_checkpoint(const char *path, mtlz_model *m, mtlz_trainer *t,
 	return rc;
 }
 
+/* Temperature scaling at the end of a run (calib.h): fits T on the
+ * validation split with the trained parameters in t, scores it on the test
+ * split and stores it in m's "mtlz.calibration". Nothing to fit on (no
+ * validation spectrum with a class label, or the class head not trained)
+ * is not an error: res->calib_skipped says why. */
+static int calibrate(const mtlz_retrain_opts *o, mtlz_retrain_result *res, mtlz_trainer *t,
+		     int B, const mtlz_dataset *d, const size_t *va, size_t n_va, const size_t *te,
+		     size_t n_te, mtlz_model *m, char *errstr, size_t errstr_size)
+{
+	mtlz_eval_item *items;
+	char why[128];
+	char *js;
+	int rc;
+
+	if (o->no_calibrate) {
+		snprintf(res->calib_skipped, sizeof(res->calib_skipped), "not asked (--no-calibrate)");
+		return MTLZ_OK;
+	}
+	if (o->task == MTLZ_TASK_METAL) {
+		snprintf(res->calib_skipped, sizeof(res->calib_skipped),
+			 "task metal: the class head is not trained");
+		return MTLZ_OK;
+	}
+	if (!n_va) {
+		snprintf(res->calib_skipped, sizeof(res->calib_skipped),
+			 "the validation split is empty");
+		return MTLZ_OK;
+	}
+	items = calloc(MTLZ_MAX(n_va, n_te), sizeof(*items));
+	if (!items)
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory");
+	rc = mtlz_calib_collect(t, B, d, va, n_va, items, errstr, errstr_size);
+	if (rc)
+		goto out_free_items;
+	if (mtlz_calib_fit(items, n_va, &res->calib_val, why, sizeof(why))) {
+		snprintf(res->calib_skipped, sizeof(res->calib_skipped), "validation split: %s",
+			 why);
+		goto out_free_items;
+	}
+	if (n_te) {
+		rc = mtlz_calib_collect(t, B, d, te, n_te, items, errstr, errstr_size);
+		if (rc)
+			goto out_free_items;
+		mtlz_calib_score(items, n_te, res->calib_val.temperature, &res->calib_test);
+	}
+	js = mtlz_calib_json(&res->calib_val, "validation");
+	if (!js || mtlz_model_set_meta(m, "mtlz.calibration", js)) {
+		free(js);
+		rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory");
+		goto out_free_items;
+	}
+	free(js);
+	res->calibrated = 1;
+out_free_items:
+	free(items);
+	return rc;
+}
+
+/* jansson refuses NaN: undefined numbers are null. */
+static json_t *jnum(double v)
+{
+	return isfinite(v) ? json_real(v) : json_null();
+}
+
+/* The manifest's "calibration": the temperature, its fit on the validation
+ * split and its effect on the test split; or why there is none. */
+static json_t *calibration_json(const mtlz_retrain_result *res)
+{
+	const mtlz_calib *v = &res->calib_val, *t = &res->calib_test;
+
+	if (!res->calibrated)
+		return json_pack("{s:n,s:s}", "temperature", "skipped", res->calib_skipped);
+	return json_pack("{s:o,s:s,s:{s:I,s:o,s:o,s:o,s:o},s:{s:I,s:o,s:o,s:o,s:o}}",
+		"temperature", jnum(v->temperature), "fitted_on", "validation",
+		"validation", "n", (json_int_t)v->n, "nll_before", jnum(v->nll_before),
+		"nll_after", jnum(v->nll_after), "ece_before", jnum(v->ece_before),
+		"ece_after", jnum(v->ece_after),
+		"test", "n", (json_int_t)t->n, "nll_before", jnum(t->nll_before),
+		"nll_after", jnum(t->nll_after), "ece_before", jnum(t->ece_before),
+		"ece_after", jnum(t->ece_after));
+}
+
 /* The per-epoch history of the manifest: one object per complete epoch,
  * with the key names that the plots read (docs/retrain.md). */
 static json_t *history_json(const mtlz_retrain_result *res, int n_epochs)
@@ -283,7 +377,7 @@ static char *manifest(const mtlz_retrain_opts *o, const mtlz_retrain_result *res
 			mtlz_archive_files_free(files, n);
 		}
 	}
-	hp = json_pack("{s:i,s:i,s:f,s:f,s:i,s:f,s:f,s:f,s:f,s:f,s:s,s:b,s:I,s:i}",
+	hp = json_pack("{s:i,s:i,s:f,s:f,s:i,s:f,s:f,s:f,s:f,s:f,s:s,s:b,s:I,s:i,s:b}",
 		       "epochs", o->epochs, "batch", o->batch, "lr", o->lr,
 		       "plateau_factor", o->plateau_factor, "plateau_patience",
 		       o->plateau_patience, "focal_alpha", o->focal_alpha, "focal_gamma",
@@ -291,7 +385,7 @@ static char *manifest(const mtlz_retrain_opts *o, const mtlz_retrain_result *res
 		       "frac_val", o->frac_val, "task",
 		       o->task == MTLZ_TASK_CLASS ? "class" : o->task == MTLZ_TASK_METAL ? "metal" :
 		       "both", "attention", !o->no_attention, "seed", (json_int_t)o->seed,
-		       "threads", o->threads);
+		       "threads", o->threads, "calibrate", !o->no_calibrate);
 	json_object_set_new(j, "data", data);
 	json_object_set_new(j, "split", json_pack("{s:I,s:i,s:i,s:i,s:s}", "seed",
 		(json_int_t)o->seed, "train", (int)res->n_train, "validation", (int)res->n_val,
@@ -300,6 +394,7 @@ static char *manifest(const mtlz_retrain_opts *o, const mtlz_retrain_result *res
 	json_object_set_new(j, "init", o->init ? json_string(o->init) : json_null());
 	json_object_set_new(j, "epochs_done", json_integer(st->epoch));
 	json_object_set_new(j, "history", history_json(res, st->epoch));
+	json_object_set_new(j, "calibration", calibration_json(res));
 	json_object_set_new(j, "final", json_pack("{s:f,s:f,s:f,s:f,s:i}",
 		"val_total", st->epoch ? res->log[st->epoch - 1].val_total : 0.0,
 		"test_accuracy", res->test_accuracy, "test_oh_sd", res->test_oh_sd,
@@ -374,6 +469,8 @@ int mtlz_retrain_run(const mtlz_retrain_opts *o, mtlz_retrain_result *res, char 
 			return MTLZ_ERR_INVALID;
 		mtlz_model_init_he(m, mix(o->seed, 1));
 	}
+	/* a temperature fitted to other logits means nothing for this run */
+	mtlz_model_set_meta(m, "mtlz.calibration", NULL);
 	/* ---- data ---- */
 	avro = mtlz_avro_new(schemas ? schemas : "schemas", NULL, errstr, errstr_size);
 	if (!avro) {
@@ -405,7 +502,7 @@ int mtlz_retrain_run(const mtlz_retrain_opts *o, mtlz_retrain_result *res, char 
 		rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory");
 		goto out;
 	}
-	mtlz_split_stratified(d.cls, d.n, 4, o->frac_train, o->frac_val, mix(o->seed, 2), part);
+	mtlz_retrain_split(d.cls, d.n, o->frac_train, o->frac_val, o->seed, part);
 	for (size_t i = 0; i < d.n; i++) {
 		if (part[i] == 0)
 			tr[n_tr++] = i;
@@ -606,6 +703,9 @@ int mtlz_retrain_run(const mtlz_retrain_opts *o, mtlz_retrain_result *res, char 
 		res->test_oh_sd = nr > 1 ? sqrt(MTLZ_MAX(rq / nr - res->test_oh_bias *
 							   res->test_oh_bias, 0)) : 0;
 		mtlz_trainer_store(t, m);
+		rc = calibrate(o, res, t, B, &d, va, n_va, te, n_te, m, errstr, errstr_size);
+		if (rc)
+			goto out;
 		man = manifest(o, res, &st);
 		if (man) {
 			mtlz_model_set_meta(m, "mtlz.training", man);

@@ -5,11 +5,14 @@
  * validation loss (factor 0.1, patience 10), 100 epochs; single-task
  * baselines and the attention ablation; fine-tuning from a model;
  * checkpoints every epoch and on a stop request, resumable and
- * deterministic for a given seed and thread count.
+ * deterministic for a given seed and thread count; at the end, temperature
+ * scaling of the class probabilities fitted on the validation split
+ * (calib.h).
  */
 #ifndef MTLZ_RETRAIN_H
 #define MTLZ_RETRAIN_H
 
+#include "calib.h"
 #include "model.h"
 #include "train.h"
 
@@ -43,6 +46,7 @@ typedef struct mtlz_retrain_opts {
 	int no_attention;
 	double dropout;             /* < 0: the architecture's default (0.5) */
 	long max_batches;           /* > 0: stop each epoch after this many (measurements) */
+	int no_calibrate;           /* 1: no temperature scaling at the end */
 	volatile sig_atomic_t *stop;/* set by SIGINT/SIGTERM: checkpoint and return */
 	/* progress: called after every batch and at the end of every epoch */
 	void (*progress)(void *opaque, const struct mtlz_progress *p);
@@ -74,9 +78,23 @@ typedef struct mtlz_retrain_result {
 	double test_accuracy;       /* of the written model on the test split */
 	double test_oh_sd, test_oh_bias;
 	long test_oh_n;
+	/* temperature scaling: calibrated = 1 when mtlz.calibration was
+	 * written (calib_val: the fit on the validation split; calib_test: the
+	 * same T scored on the test split, n 0 when empty); else calib_skipped
+	 * says why */
+	int calibrated;
+	mtlz_calib calib_val, calib_test;
+	char calib_skipped[160];
 } mtlz_retrain_result;
 
 void mtlz_retrain_opts_default(mtlz_retrain_opts *o);
+/* The split mtlz-retrain makes of a data set (cls[n], as loaded by
+ * mtlz_dataset_load from the same archives in the same order): stratified
+ * by class, frac_train : frac_val : rest, from `seed` (the run's --seed).
+ * part[i] = 0 train, 1 validation, 2 test. `mtlz calibrate` re-derives a
+ * trained model's validation split with it. */
+void mtlz_retrain_split(const int *cls, size_t n, double frac_train, double frac_val,
+			uint64_t seed, uint8_t *part);
 /* Runs the training; writes o->out (atomically) at the end, checkpoints
  * to o->checkpoint every epoch. res may be large: allocate it. */
 int mtlz_retrain_run(const mtlz_retrain_opts *o, mtlz_retrain_result *res, char *errstr,

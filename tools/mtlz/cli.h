@@ -23,6 +23,7 @@ int cmd_import(int argc, char **argv);
 int cmd_archive(int argc, char **argv);
 int cmd_synth(int argc, char **argv);
 int cmd_eval(int argc, char **argv);
+int cmd_calibrate(int argc, char **argv);
 
 /* Prints "mtlz: <msg>" to stderr. */
 void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

@@ -30,6 +30,7 @@ static const char usage[] =
 	"  archive     SDSS spec files + catalogues -> training archive (paper Sec. 2.1)\n"
 	"  synth       synthetic labelled SDSS-like spectra into a training archive\n"
 	"  eval        a model's metrics on labelled archives (JSON; --report DIR)\n"
+	"  calibrate   fit the class temperature of a model on labelled archives\n"
 	"\n"
 	"Run 'mtlz <command> --help' for a command's options.\n"
 	"options: --help, --version\n";
@@ -85,6 +86,7 @@ int main(int argc, char **argv)
 		{ "init", cmd_init },         { "consume", cmd_consume },
 		{ "import", cmd_import },     { "archive", cmd_archive },
 		{ "synth", cmd_synth },       { "eval", cmd_eval },
+		{ "calibrate", cmd_calibrate },
 	};
 
 	if (argc < 2) {

@@ -5,10 +5,13 @@
  *   mtlz-retrain --data DIR... -o MODEL.safetensors [--config etc/retrain.yaml]
  *       [--epochs N] [--seed S] [--threads T] [--init MODEL]
  *       [--task both|class|metal] [--no-attention] [--resume CHECKPOINT]
+ *       [--no-calibrate]
  *
  * Every hyper-parameter has the paper's value as default; a YAML file can
  * hold them and flags override it. SIGINT/SIGTERM write a checkpoint and
- * exit 0; --resume continues from it.
+ * exit 0; --resume continues from it. At the end the class temperature is
+ * fitted on the validation split and stored in the model (core/calib.h)
+ * unless --no-calibrate.
  */
 #define _POSIX_C_SOURCE 200809L
 #include "common.h"
@@ -53,7 +56,9 @@ static const char usage[] =
 	"      --init MODEL          start from a model (fine-tuning)\n"
 	"      --resume CHECKPOINT   continue an interrupted run (same data and options)\n"
 	"      --checkpoint PATH     where checkpoints go (default MODEL.ckpt)\n"
-	"      --max-batches N       at most N batches per epoch (speed measurements)\n";
+	"      --max-batches N       at most N batches per epoch (speed measurements)\n"
+	"      --no-calibrate        no temperature scaling of the class probabilities\n"
+	"                            (default: fitted on the validation split at the end)\n";
 
 struct cfg {
 	mtlz_retrain_opts o;
@@ -98,6 +103,12 @@ static int apply(struct cfg *c, const char *key, const char *val)
 		o->task = !strcmp(val, "both") ? MTLZ_TASK_BOTH : !strcmp(val, "class") ?
 			  MTLZ_TASK_CLASS : !strcmp(val, "metal") ? MTLZ_TASK_METAL : -1;
 		return o->task < 0 ? -2 : 0;
+	}
+	if (!strcmp(key, "calibrate")) {
+		if (strcmp(val, "true") && strcmp(val, "false"))
+			return -2;
+		o->no_calibrate = !strcmp(val, "false");
+		return 0;
 	}
 	if (!strcmp(key, "attention")) {
 		if (strcmp(val, "true") && strcmp(val, "false"))
@@ -249,6 +260,7 @@ int main(int argc, char **argv)
 		{ "checkpoint", required_argument, 0, 'K' },
 		{ "no-attention", no_argument, 0, 'A' },
 		{ "max-batches", required_argument, 0, 'M' },
+		{ "no-calibrate", no_argument, 0, 'C' },
 		{ "epochs", required_argument, 0, 1 }, { "batch", required_argument, 0, 1 },
 		{ "lr", required_argument, 0, 1 }, { "seed", required_argument, 0, 1 },
 		{ "plateau-factor", required_argument, 0, 1 },
@@ -294,6 +306,7 @@ int main(int argc, char **argv)
 		case 'K': c.o.checkpoint = optarg; break;
 		case 'A': c.o.no_attention = 1; break;
 		case 'M': c.o.max_batches = atol(optarg); break;
+		case 'C': c.o.no_calibrate = 1; break;
 		case 1:
 			if (apply(&c, opts[li].name, optarg)) {
 				fprintf(stderr, "mtlz-retrain: --%s '%s': bad value\n", opts[li].name,
@@ -336,6 +349,15 @@ int main(int argc, char **argv)
 			c.o.checkpoint ? c.o.checkpoint : c.o.out, c.o.checkpoint ? "" : ".ckpt");
 		return 0;
 	}
+	if (res.calibrated)
+		fprintf(stderr, "mtlz-retrain: calibration: temperature %.4f fitted on %ld validation "
+			"spectra (NLL %.4f -> %.4f, ECE %.4f -> %.4f); test split ECE %.4f -> %.4f "
+			"(n %ld)\n", res.calib_val.temperature, res.calib_val.n,
+			res.calib_val.nll_before, res.calib_val.nll_after, res.calib_val.ece_before,
+			res.calib_val.ece_after, res.calib_test.ece_before, res.calib_test.ece_after,
+			res.calib_test.n);
+	else
+		fprintf(stderr, "mtlz-retrain: calibration skipped: %s\n", res.calib_skipped);
 	fprintf(stderr, "mtlz-retrain: %d epochs; split train %ld / validation %ld / test %ld "
 		"(%ld rejected by preprocessing); test accuracy %.4f, metallicity SD %.4f dex "
 		"bias %+.4f (n %ld) -> %s\n", res.epochs_done, res.n_train, res.n_val, res.n_test,
