@@ -15,10 +15,12 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include "common.h"
+#include "report.h"
 #include "retrain.h"
 
 #include <errno.h>
 #include <getopt.h>
+#include <jansson.h>
 #include <math.h>
 #include <signal.h>
 #include <stdio.h>
@@ -58,7 +60,10 @@ static const char usage[] =
 	"      --checkpoint PATH     where checkpoints go (default MODEL.ckpt)\n"
 	"      --max-batches N       at most N batches per epoch (speed measurements)\n"
 	"      --no-calibrate        no temperature scaling of the class probabilities\n"
-	"                            (default: fitted on the validation split at the end)\n";
+	"                            (default: fitted on the validation split at the end)\n"
+	"or: mtlz-retrain --eval MODEL ARCHIVE... [--report DIR] [--threads T]\n"
+	"  evaluates MODEL on the archives as `mtlz eval` does (metrics JSON on stdout,\n"
+	"  --report DIR: metrics.json, figures and report.md; docs/report.md)\n";
 
 struct cfg {
 	mtlz_retrain_opts o;
@@ -261,6 +266,7 @@ int main(int argc, char **argv)
 		{ "no-attention", no_argument, 0, 'A' },
 		{ "max-batches", required_argument, 0, 'M' },
 		{ "no-calibrate", no_argument, 0, 'C' },
+		{ "eval", required_argument, 0, 'E' }, { "report", required_argument, 0, 'P' },
 		{ "epochs", required_argument, 0, 1 }, { "batch", required_argument, 0, 1 },
 		{ "lr", required_argument, 0, 1 }, { "seed", required_argument, 0, 1 },
 		{ "plateau-factor", required_argument, 0, 1 },
@@ -277,7 +283,7 @@ int main(int argc, char **argv)
 	static struct cfg c;
 	static mtlz_retrain_result res;
 	struct show sh = { isatty(2), 0 };
-	const char *config = NULL;
+	const char *config = NULL, *eval_model = NULL, *report = NULL;
 	char err[1024];
 	struct sigaction sa;
 	int opt, li, rc;
@@ -307,6 +313,8 @@ int main(int argc, char **argv)
 		case 'A': c.o.no_attention = 1; break;
 		case 'M': c.o.max_batches = atol(optarg); break;
 		case 'C': c.o.no_calibrate = 1; break;
+		case 'E': eval_model = optarg; break;
+		case 'P': report = optarg; break;
 		case 1:
 			if (apply(&c, opts[li].name, optarg)) {
 				fprintf(stderr, "mtlz-retrain: --%s '%s': bad value\n", opts[li].name,
@@ -321,7 +329,25 @@ int main(int argc, char **argv)
 	}
 	for (int i = optind; i < argc && c.n_data < 256; i++)
 		c.data[c.n_data++] = argv[i];
-	if (!c.n_data || !c.o.out) {
+	if (eval_model && c.n_data) {
+		/* the evaluation of `mtlz eval` (core/report.h), MC dropout 100 */
+		mtlz_report_eval_opts eo = {
+			.model = eval_model, .data = c.data, .n_data = c.n_data, .mc = 100,
+			.threads = c.o.threads, .seed = 1, .report_dir = report,
+			.schema_dir = getenv("MTLZ_SCHEMA_DIR") ? NULL : MTLZ_SCHEMA_DIR,
+		};
+		json_t *j = mtlz_report_eval(&eo, NULL, NULL, err, sizeof(err));
+
+		if (!j) {
+			fprintf(stderr, "mtlz-retrain: eval: %s\n", err);
+			return 1;
+		}
+		rc = json_dumpf(j, stdout, JSON_INDENT(1) | JSON_REAL_PRECISION(8)) ||
+		     putchar('\n') == EOF || fflush(stdout);
+		json_decref(j);
+		return rc ? 1 : 0;
+	}
+	if (!c.n_data || !c.o.out || report) {
 		fputs(usage, stderr);
 		return 2;
 	}
@@ -349,13 +375,18 @@ int main(int argc, char **argv)
 			c.o.checkpoint ? c.o.checkpoint : c.o.out, c.o.checkpoint ? "" : ".ckpt");
 		return 0;
 	}
-	if (res.calibrated)
+	if (res.calibrated && res.calib_test.n)
 		fprintf(stderr, "mtlz-retrain: calibration: temperature %.4f fitted on %ld validation "
 			"spectra (NLL %.4f -> %.4f, ECE %.4f -> %.4f); test split ECE %.4f -> %.4f "
 			"(n %ld)\n", res.calib_val.temperature, res.calib_val.n,
 			res.calib_val.nll_before, res.calib_val.nll_after, res.calib_val.ece_before,
 			res.calib_val.ece_after, res.calib_test.ece_before, res.calib_test.ece_after,
 			res.calib_test.n);
+	else if (res.calibrated)
+		fprintf(stderr, "mtlz-retrain: calibration: temperature %.4f fitted on %ld validation "
+			"spectra (NLL %.4f -> %.4f, ECE %.4f -> %.4f); no labelled test spectrum\n",
+			res.calib_val.temperature, res.calib_val.n, res.calib_val.nll_before,
+			res.calib_val.nll_after, res.calib_val.ece_before, res.calib_val.ece_after);
 	else
 		fprintf(stderr, "mtlz-retrain: calibration skipped: %s\n", res.calib_skipped);
 	fprintf(stderr, "mtlz-retrain: %d epochs; split train %ld / validation %ld / test %ld "
