@@ -134,7 +134,9 @@ static const conf_setting settings[] = {
 		"schema registry id written with confluent output framing; -1 = unset"),
 
 	STRING_CONF("model.path", model_path, "", NULL,
-		"model weights (.safetensors); required"),
+		"model weights (.safetensors); \"\" = the default model "
+		"($MTLZ_MODEL, else the installed, else the source tree's "
+		"models/default.safetensors)"),
 	STRING_CONF("model.version", model_version, "", NULL,
 		"version string carried into results; \"\" = taken from the model file"),
 
@@ -1064,4 +1066,79 @@ void mtlz_conf_dump(const mtlz_conf *c, FILE *f)
 		}
 		prev = s->name;
 	}
+}
+
+/* ---- the default model ------------------------------------------------ */
+
+#ifndef MTLZ_MODEL_INSTALLED
+#define MTLZ_MODEL_INSTALLED "/usr/local/share/mtlz/models/default.safetensors"
+#endif
+#ifndef MTLZ_MODEL_SOURCE
+#define MTLZ_MODEL_SOURCE "models/default.safetensors"
+#endif
+
+static bool is_file(const char *path)
+{
+	struct stat st;
+
+	return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+int mtlz_default_model(char *path, size_t path_size, const char **from,
+		       char *errstr, size_t errstr_size)
+{
+	static const struct {
+		const char *path, *from;
+	} builtin[] = {
+		{ MTLZ_MODEL_INSTALLED, "installed" },
+		{ MTLZ_MODEL_SOURCE, "source tree" },
+	};
+	const char *env = getenv("MTLZ_MODEL");
+	struct stat st;
+
+	if (env && *env) {
+		if (stat(env, &st))
+			return mtlz_err(errstr, errstr_size, MTLZ_ERR_IO,
+					"MTLZ_MODEL=%s: %s", env, strerror(errno));
+		if (!S_ISREG(st.st_mode))
+			return mtlz_err(errstr, errstr_size, MTLZ_ERR_IO,
+					"MTLZ_MODEL=%s: not a regular file", env);
+		if (strlen(env) >= path_size)
+			return mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID,
+					"MTLZ_MODEL=%s: path too long", env);
+		snprintf(path, path_size, "%s", env);
+		*from = "$MTLZ_MODEL";
+		return MTLZ_OK;
+	}
+	for (size_t i = 0; i < MTLZ_ARRAY_SIZE(builtin); i++)
+		if (is_file(builtin[i].path) && strlen(builtin[i].path) < path_size) {
+			snprintf(path, path_size, "%s", builtin[i].path);
+			*from = builtin[i].from;
+			return MTLZ_OK;
+		}
+	return mtlz_err(errstr, errstr_size, MTLZ_ERR_IO,
+			"no model given and no default model: MTLZ_MODEL is not set, "
+			"and neither %s (installed) nor %s (source tree) exists",
+			MTLZ_MODEL_INSTALLED, MTLZ_MODEL_SOURCE);
+}
+
+int mtlz_conf_resolve_model(mtlz_conf *c, const char **from, char *errstr,
+			    size_t errstr_size)
+{
+	char path[4096], *copy;
+	int rc;
+
+	if (c->model_path && *c->model_path) {
+		*from = "model.path";
+		return MTLZ_OK;
+	}
+	rc = mtlz_default_model(path, sizeof(path), from, errstr, errstr_size);
+	if (rc != MTLZ_OK)
+		return rc;
+	copy = strdup(path);
+	if (!copy)
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory");
+	free(c->model_path);
+	c->model_path = copy;
+	return MTLZ_OK;
 }

@@ -11,7 +11,7 @@
  *   input.framing (auto | confluent | single_object | container),
  *   input.schema_dir (Confluent ids: <dir>/<id>.avsc), input.max_message_bytes,
  *   output.framing (single_object | confluent | container), output.schema_id,
- *   model.path, model.version,
+ *   model.path (empty: the default model, mtlz_default_model), model.version,
  *   engine.kind (cpu | cuda), engine.threads, engine.mc_samples, engine.seed,
  *   batch.max_size, batch.max_delay_ms,
  *   preprocess.threads, preprocess.mask_bits,
@@ -84,5 +84,26 @@ int mtlz_conf_validate(const mtlz_conf *c, char *errstr, size_t errstr_size);
 /* Writes the effective configuration as YAML (for --check-config). */
 void mtlz_conf_dump(const mtlz_conf *c, FILE *f);
 void mtlz_conf_free(mtlz_conf *c);
+
+/*
+ * The default model, for mtlzd and `mtlz classify` when none is configured:
+ *   1. $MTLZ_MODEL when it is set and not empty (it must then exist: a
+ *      missing file is an error naming it, never a silent fallback);
+ *   2. MTLZ_MODEL_INSTALLED, the installed copy of models/default.safetensors
+ *      (${CMAKE_INSTALL_FULL_DATADIR}/mtlz/models/default.safetensors,
+ *      compiled in), when that file exists;
+ *   3. MTLZ_MODEL_SOURCE, the source tree's models/default.safetensors
+ *      (compiled in), when that file exists.
+ * Writes the path into path[path_size] and where it came from ("$MTLZ_MODEL",
+ * "installed", "source tree") into *from. MTLZ_ERR_IO when no
+ * candidate exists (the message lists the paths looked at).
+ */
+int mtlz_default_model(char *path, size_t path_size, const char **from,
+		       char *errstr, size_t errstr_size);
+/* mtlzd: model.path empty -> mtlz_default_model's path (*from as above);
+ * otherwise unchanged and *from = "model.path". Call before
+ * mtlz_conf_validate. */
+int mtlz_conf_resolve_model(mtlz_conf *c, const char **from, char *errstr,
+			    size_t errstr_size);
 
 #endif

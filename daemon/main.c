@@ -34,7 +34,9 @@ static const char usage[] =
 	"  -s, --set KEY=VALUE   override a key by its dotted path (repeatable)\n"
 	"      --check-config    validate, print the effective configuration, exit\n"
 	"  -h, --help, --version\n"
-	"Environment: MTLZ_SCHEMA_DIR overrides where spectrum.avsc/result.avsc are.\n";
+	"Environment: MTLZ_SCHEMA_DIR overrides where spectrum.avsc/result.avsc are;\n"
+	"MTLZ_MODEL names the model when model.path is empty (else the installed,\n"
+	"else the source tree's models/default.safetensors).\n";
 
 int main(int argc, char **argv)
 {
@@ -46,7 +48,7 @@ int main(int argc, char **argv)
 		{ "version", no_argument, 0, 'V' },
 		{ 0, 0, 0, 0 },
 	};
-	const char *path = NULL;
+	const char *path = NULL, *model_from = NULL;
 	char **sets = calloc((size_t)argc, sizeof(char *)), err[1024];
 	int n_sets = 0, check = 0, opt, rc, lvl;
 	struct mtlzd d;
@@ -80,6 +82,8 @@ int main(int argc, char **argv)
 	for (int i = 0; rc == MTLZ_OK && i < n_sets; i++)
 		rc = mtlz_conf_set(&conf, sets[i], err, sizeof(err));
 	free(sets);
+	if (rc == MTLZ_OK)   /* model.path "": the default model */
+		rc = mtlz_conf_resolve_model(&conf, &model_from, err, sizeof(err));
 	if (rc == MTLZ_OK)
 		rc = mtlz_conf_validate(&conf, err, sizeof(err));
 	if (rc != MTLZ_OK) {
@@ -88,6 +92,9 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	if (check) {
+		if (strcmp(model_from, "model.path"))
+			fprintf(stderr, "mtlzd: model.path is empty: default model %s (from %s)\n",
+				conf.model_path, model_from);
 		mtlz_conf_dump(&conf, stdout);
 		mtlz_conf_free(&conf);
 		return 0;
@@ -95,6 +102,9 @@ int main(int argc, char **argv)
 	lvl = mtlz_log_level_parse(conf.log_level);
 	if (lvl >= 0)
 		mtlz_log_level = lvl;
+	if (strcmp(model_from, "model.path"))
+		mtlz_log(MTLZ_LOG_INFO, "event=default_model path=%s from=\"%s\"",
+			 conf.model_path, model_from);
 
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_handler = on_signal;

@@ -173,11 +173,13 @@ Test(conf, reference_file_loads_with_documented_values)
 
 	cr_assert_eq(rc, MTLZ_OK, "%s", err);
 	assert_defaults(&conf);
-	cr_assert_str_eq(conf.model_path, "/var/lib/mtlz/model.safetensors");
+	cr_assert_str_eq(conf.model_path, "");   /* "": the default model */
 	cr_assert_eq(conf.n_kafka_consumer, 1);
 	cr_assert_str_eq(kv_get(conf.kafka_consumer, 1, "client.id"), "mtlzd");
 	cr_assert_eq(conf.n_kafka_producer, 1);
 	cr_assert_str_eq(kv_get(conf.kafka_producer, 1, "client.id"), "mtlzd");
+	/* mtlzd resolves the empty model.path first (test_default_model.c) */
+	cr_assert_eq(mtlz_conf_set(&conf, "model.path=/m.safetensors", err, sizeof(err)), MTLZ_OK);
 	cr_assert_eq(mtlz_conf_validate(&conf, err, sizeof(err)), MTLZ_OK, "%s", err);
 }
 

@@ -6,6 +6,7 @@
  */
 #include "cli.h"
 #include "common.h"
+#include "conf.h"
 #include "mtlz_engine.h"
 
 #include <getopt.h>
@@ -16,13 +17,15 @@
 #include <string.h>
 
 static const char usage[] =
-	"usage: mtlz classify --model MODEL [options] FILE...\n"
+	"usage: mtlz classify [--model MODEL] [options] FILE...\n"
 	"Classifies every spectrum in the SDSS/BOSS spec files and DESI coadds\n"
 	"given and prints one row each:\n"
 	"  spec_id,class,p_passive,p_star_forming,p_composite,p_agn,oh,oh_sigma,flags\n"
 	"oh = 12+log(O/H) and oh_sigma (its MC-dropout 1-sigma) are filled only\n"
 	"for spectra classified star-forming (the paper's conditional regression).\n"
-	"  -m, --model FILE        model (.safetensors), required\n"
+	"  -m, --model FILE        model (.safetensors); default: $MTLZ_MODEL, else the\n"
+	"                          installed, else the source tree's\n"
+	"                          models/default.safetensors (named on stderr)\n"
 	"  -f, --format csv|jsonl  output format (default csv)\n"
 	"      --mc N              MC-dropout passes for oh_sigma (default 100; 0 = off)\n"
 	"      --all-metallicities fill oh/oh_sigma for every class\n"
@@ -177,6 +180,7 @@ int cmd_classify(int argc, char **argv)
 	};
 	struct classify c = { .mc = 100, .batch = 64, .sf_class = -1 };
 	const char *model_path = NULL;
+	char default_model[4096];
 	mtlz_engine_opts eo;
 	mtlz_prep_opts po;
 	mtlz_model *m = NULL;
@@ -226,10 +230,22 @@ int cmd_classify(int argc, char **argv)
 		default: fputs(usage, stderr); return EXIT_USAGE;
 		}
 	}
-	if (!model_path || optind >= argc) {
-		cli_error("classify: %s", !model_path ? "--model is required" : "no input files");
+	if (optind >= argc) {
+		cli_error("classify: no input files");
 		fputs(usage, stderr);
 		return EXIT_USAGE;
+	}
+	if (!model_path) {
+		const char *from;
+
+		if (mtlz_default_model(default_model, sizeof(default_model), &from,
+				       err, sizeof(err))) {
+			cli_error("classify: %s", err);
+			return EXIT_RUNTIME;
+		}
+		model_path = default_model;
+		fprintf(stderr, "mtlz: classify: no --model: default model %s (from %s)\n",
+			model_path, from);
 	}
 	m = mtlz_model_load(model_path, err, sizeof(err));
 	if (!m) {
