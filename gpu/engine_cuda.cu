@@ -19,10 +19,17 @@
  * new weights into the same device arrays when the architecture is
  * unchanged, so graphs survive a model swap (hot reload).
  *
+ * Each convolution has two implementations where the shape allows: the
+ * GEMM path above and a fused direct kernel (conv_direct.cu) that never
+ * writes Z. set_model() times both for every layer at a small (8) and a
+ * large (min(max_batch, 1024)) batch and keeps the faster for each; the
+ * choice is in describe().
+ *
  * Environment (for tests and benches): MTLZ_CUDA_DEVICE (ordinal, default
  * 0), MTLZ_CUDA_GRAPHS (largest batch replayed from a graph, default 64;
  * 0 = never), MTLZ_CUDA_POISON=1 (fill every intermediate buffer with NaN
  * before each batch: an element a kernel fails to write shows up as NaN),
+ * MTLZ_CUDA_CONV=gemm|direct (force one convolution path where possible),
  * MTLZ_CUDA_PROFILE=1 (events between stages, no graphs; the mean time of
  * each stage per batch size is printed to stderr when the engine is freed).
  */
@@ -48,6 +55,8 @@ struct cu_layer {
 	int pool;          /* > 0: max-pool after (second conv of a block) */
 	float *w;          /* cin == 1: [cout][k]; else [cin][k*cout] */
 	float *b;
+	float *wd;         /* direct kernel: [k][cin][cout]; NULL when unsupported */
+	int direct[2];     /* use it: [0] batches <= 16, [1] larger ones */
 };
 
 struct cu_head {
@@ -73,8 +82,10 @@ struct cu_prof {
 
 struct cuda_ctx {
 	int dev, max_batch, mc_reserved, tf32, poison, graph_max;
+	int conv_mode;     /* 0 auto (timed), 1 gemm, 2 direct */
 	uint64_t seed;
 	char desc[256];
+	char desc_full[512];
 	cudaStream_t st;
 	cublasHandle_t blas;
 	void *blas_ws;
@@ -199,7 +210,8 @@ static void free_weights(struct cuda_ctx *c)
 	for (int i = 0; i < c->n_conv; i++) {
 		cudaFree(c->conv[i].w);
 		cudaFree(c->conv[i].b);
-		c->conv[i].w = c->conv[i].b = NULL;
+		cudaFree(c->conv[i].wd);
+		c->conv[i].w = c->conv[i].b = c->conv[i].wd = NULL;
 	}
 	c->n_conv = 0;
 	cudaFree(c->att_w1); cudaFree(c->att_b1); cudaFree(c->att_w2); cudaFree(c->att_b2);
@@ -254,6 +266,11 @@ static void *cuda_init(const mtlz_engine_opts *o, char *errstr, size_t errstr_si
 	c->poison = env_int("MTLZ_CUDA_POISON", 0) != 0;
 	c->profile = env_int("MTLZ_CUDA_PROFILE", 0) != 0;
 	c->graph_max = c->poison || c->profile ? 0 : env_int("MTLZ_CUDA_GRAPHS", 64);
+	{
+		const char *cm = getenv("MTLZ_CUDA_CONV");
+
+		c->conv_mode = cm && strcmp(cm, "gemm") == 0 ? 1 : cm && strcmp(cm, "direct") == 0 ? 2 : 0;
+	}
 	if ((e = cudaSetDevice(dev)) != cudaSuccess ||
 	    (e = cudaGetDeviceProperties(&p, dev)) != cudaSuccess ||
 	    (e = cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking)) != cudaSuccess ||
@@ -401,6 +418,8 @@ static int upload_named(float **dst, const mtlz_model *m, const char *name, char
 	return upload(dst, t->data, t->n, errstr, errstr_size);
 }
 
+static int choose_conv(struct cuda_ctx *c, char *errstr, size_t errstr_size);
+
 static int cuda_set_model(void *ctx, const mtlz_model *m, char *errstr, size_t errstr_size)
 {
 	struct cuda_ctx *c = (struct cuda_ctx *)ctx;
@@ -424,7 +443,8 @@ static int cuda_set_model(void *ctx, const mtlz_model *m, char *errstr, size_t e
 		if (L->cin == 1) {
 			rc = upload(&L->w, w->data, w->n, errstr, errstr_size);
 		} else {
-			/* [cout][cin][k] -> [cin][k*cout] */
+			/* [cout][cin][k] -> [cin][k*cout], and [k][cin][cout] for the
+			 * direct kernel */
 			tmp = (float *)malloc(w->n * sizeof(float));
 			if (!tmp)
 				return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory");
@@ -434,6 +454,14 @@ static int cuda_set_model(void *ctx, const mtlz_model *m, char *errstr, size_t e
 						tmp[((size_t)ci * L->k + j) * L->cout + co] =
 							w->data[((size_t)co * L->cin + ci) * L->k + j];
 			rc = upload(&L->w, tmp, w->n, errstr, errstr_size);
+			if (!rc && mtlz_cu_conv_direct_ok(L->cin, L->cout, L->k, L->pool ? L->pool : 1)) {
+				for (int co = 0; co < L->cout; co++)
+					for (int ci = 0; ci < L->cin; ci++)
+						for (int j = 0; j < L->k; j++)
+							tmp[((size_t)j * L->cin + ci) * L->cout + co] =
+								w->data[((size_t)co * L->cin + ci) * L->k + j];
+				rc = upload(&L->wd, tmp, w->n, errstr, errstr_size);
+			}
 			free(tmp);
 		}
 		if (rc)
@@ -471,7 +499,7 @@ static int cuda_set_model(void *ctx, const mtlz_model *m, char *errstr, size_t e
 	c->has_weights = 1;
 	/* MC passes depend on dropout > 0, which graphs bake in */
 	drop_graphs(c);
-	return MTLZ_OK;
+	return choose_conv(c, errstr, errstr_size);
 }
 
 static const float one = 1.0f, zero = 0.0f;
@@ -493,6 +521,110 @@ static int run_head(struct cuda_ctx *c, const struct cu_head *H, const float *x,
 		LAUNCH_TRY("bias_act");
 		src = dst;
 	}
+	return MTLZ_OK;
+}
+
+/* One convolution layer, in -> out, by the GEMM path or the direct kernel. */
+static int conv_layer(struct cuda_ctx *c, const struct cu_layer *Lr, int n, const float *in,
+		      float *out, int direct, char *errstr, size_t errstr_size)
+{
+	const int pad = c->arch.padding;
+
+	if (Lr->cin == 1) {
+		mtlz_cu_conv_first(c->x, n, c->arch.input_length, Lr->w, Lr->b, Lr->cout, Lr->k,
+				   pad, out, c->st);
+		LAUNCH_TRY("conv_first");
+	} else if (direct) {
+		mtlz_cu_conv_direct(in, n, Lr->lin_pad, Lr->cin, Lr->wd, Lr->b, Lr->cout, Lr->lout,
+				    Lr->pool ? Lr->pool : 1, pad, out, c->st);
+		LAUNCH_TRY("conv_direct");
+	} else {
+		const int N = Lr->k * Lr->cout;
+
+		/* Z^T[N x n*lin_pad] = Wc^T X^T; Wc row-major [cin][N] */
+		BLAS_TRY(cublasSgemm(c->blas, CUBLAS_OP_N, CUBLAS_OP_N, N, n * Lr->lin_pad,
+				     Lr->cin, &one, Lr->w, N, in, Lr->cin, &zero, c->z, N));
+		if (Lr->pool)
+			mtlz_cu_conv_epilogue_pool(c->z, n, Lr->lin_pad, Lr->lout, Lr->cout, Lr->k,
+						   Lr->b, Lr->pool, pad, out, c->st);
+		else
+			mtlz_cu_conv_epilogue(c->z, n, Lr->lin_pad, Lr->lout, Lr->cout, Lr->k, Lr->b,
+					      pad, out, c->st);
+		LAUNCH_TRY(Lr->pool ? "conv_epilogue_pool" : "conv_epilogue");
+	}
+	return MTLZ_OK;
+}
+
+/* Median of 5 timed runs of one layer by one path, in ms. */
+static int time_layer(struct cuda_ctx *c, const struct cu_layer *Lr, int n, int direct,
+		      cudaEvent_t e0, cudaEvent_t e1, float *ms, char *errstr, size_t errstr_size)
+{
+	float t[5];
+	int rc;
+
+	if ((rc = conv_layer(c, Lr, n, c->act0, c->act1, direct, errstr, errstr_size)))
+		return rc;
+	for (int r = 0; r < 5; r++) {
+		CU_TRY(cudaEventRecord(e0, c->st));
+		if ((rc = conv_layer(c, Lr, n, c->act0, c->act1, direct, errstr, errstr_size)))
+			return rc;
+		CU_TRY(cudaEventRecord(e1, c->st));
+		CU_TRY(cudaEventSynchronize(e1));
+		CU_TRY(cudaEventElapsedTime(&t[r], e0, e1));
+	}
+	for (int a = 0; a < 5; a++)
+		for (int b = a + 1; b < 5; b++)
+			if (t[b] < t[a]) {
+				float x = t[a];
+
+				t[a] = t[b];
+				t[b] = x;
+			}
+	*ms = t[2];
+	return MTLZ_OK;
+}
+
+/* Picks the GEMM path or the direct kernel for every layer, by timing both
+ * at a small and a large batch (or as MTLZ_CUDA_CONV says). */
+static int choose_conv(struct cuda_ctx *c, char *errstr, size_t errstr_size)
+{
+	const int nb[2] = { MTLZ_MIN(c->max_batch, 8), MTLZ_MIN(c->max_batch, 1024) };
+	char pick[2][MAX_LAYERS + 1];
+	cudaEvent_t e0, e1;
+	int rc = MTLZ_OK;
+
+	memset(pick, 0, sizeof(pick));
+	CU_TRY(cudaEventCreate(&e0));
+	CU_TRY(cudaEventCreate(&e1));
+	mtlz_cu_fill(c->act0, (size_t)nb[1] * c->act_floats, 0.5f, c->st);
+	mtlz_cu_fill(c->act1, (size_t)nb[1] * c->act_floats, 0.5f, c->st);
+	for (int b = 0; b < 2 && rc == MTLZ_OK; b++)
+		for (int i = 0; i < c->n_conv && rc == MTLZ_OK; i++) {
+			struct cu_layer *Lr = &c->conv[i];
+			float tg = 0, td = 0;
+
+			Lr->direct[b] = 0;
+			pick[b][i] = Lr->cin == 1 ? 'f' : 'g';
+			if (!Lr->wd || c->conv_mode == 1)
+				continue;
+			if (c->conv_mode == 2) {
+				Lr->direct[b] = 1;
+			} else {
+				rc = time_layer(c, Lr, nb[b], 0, e0, e1, &tg, errstr, errstr_size);
+				if (!rc)
+					rc = time_layer(c, Lr, nb[b], 1, e0, e1, &td, errstr, errstr_size);
+				Lr->direct[b] = !rc && td < tg;
+			}
+			if (Lr->direct[b])
+				pick[b][i] = 'd';
+		}
+	cudaEventDestroy(e0);
+	cudaEventDestroy(e1);
+	if (rc)
+		return rc;
+	CU_TRY(cudaStreamSynchronize(c->st));
+	snprintf(c->desc_full, sizeof(c->desc_full), "%s conv[<=16]=%s conv[>16]=%s", c->desc,
+		 pick[0], pick[1]);
 	return MTLZ_OK;
 }
 
@@ -532,23 +664,9 @@ static int enqueue(struct cuda_ctx *c, int n, int mc, char *errstr, size_t errst
 	for (int i = 0; i < c->n_conv; i++) {
 		const struct cu_layer *Lr = &c->conv[i];
 
-		if (Lr->cin == 1) {
-			mtlz_cu_conv_first(c->x, n, L, Lr->w, Lr->b, Lr->cout, Lr->k, pad, out, c->st);
-			LAUNCH_TRY("conv_first");
-		} else {
-			const int N = Lr->k * Lr->cout;
-
-			/* Z^T[N x n*lin_pad] = Wc^T X^T; Wc row-major [cin][N] */
-			BLAS_TRY(cublasSgemm(c->blas, CUBLAS_OP_N, CUBLAS_OP_N, N, n * Lr->lin_pad,
-					     Lr->cin, &one, Lr->w, N, in, Lr->cin, &zero, c->z, N));
-			if (Lr->pool)
-				mtlz_cu_conv_epilogue_pool(c->z, n, Lr->lin_pad, Lr->lout, Lr->cout,
-							   Lr->k, Lr->b, Lr->pool, pad, out, c->st);
-			else
-				mtlz_cu_conv_epilogue(c->z, n, Lr->lin_pad, Lr->lout, Lr->cout, Lr->k,
-						      Lr->b, pad, out, c->st);
-			LAUNCH_TRY(Lr->pool ? "conv_epilogue_pool" : "conv_epilogue");
-		}
+		if ((rc = conv_layer(c, Lr, n, in, out, Lr->wd && Lr->direct[n > 16], errstr,
+				     errstr_size)))
+			return rc;
 		{
 			static const char *const names[MAX_LAYERS] = {
 				"conv 1.1", "conv 1.2+pool", "conv 2.1", "conv 2.2+pool",
@@ -695,7 +813,9 @@ static float *cuda_input_buffer(void *ctx)
 
 static const char *cuda_describe(void *ctx)
 {
-	return ((struct cuda_ctx *)ctx)->desc;
+	struct cuda_ctx *c = (struct cuda_ctx *)ctx;
+
+	return c->desc_full[0] ? c->desc_full : c->desc;
 }
 
 static void cuda_free(void *ctx)

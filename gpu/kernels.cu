@@ -14,24 +14,25 @@ extern "C" {
 
 #define TPB 256
 
-__global__ void k_conv_first(const float *__restrict__ x, int n, int L,
+/* Grids here are (elements of one spectrum, spectra): 32-bit index math
+ * within a spectrum (64-bit division costs more than the memory access). */
+#define SPECTRA_Y 65535
+
+__global__ void k_conv_first(const float *__restrict__ x, int L,
 			     const float *__restrict__ w, const float *__restrict__ b,
 			     int Cout, int k, int pad, float *__restrict__ y)
 {
 	const int Lout = L + 2 * pad - k + 1, rows = Lout + 2 * pad;
-	const size_t total = (size_t)n * rows * Cout;
-	size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+	const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+	const size_t i = blockIdx.y;
 
-	if (idx >= total)
+	if (idx >= rows * Cout)
 		return;
-	const int co = (int)(idx % Cout);
-	const size_t ir = idx / Cout;
-	const int r = (int)(ir % rows), i = (int)(ir / rows);
-	const int t = r - pad;
+	const int co = idx % Cout, t = idx / Cout - pad;
 	float v = 0.0f;
 
 	if (t >= 0 && t < Lout) {
-		const float *xi = x + (size_t)i * L;
+		const float *xi = x + i * L;
 
 		v = b[co];
 		for (int j = 0; j < k; j++) {
@@ -42,15 +43,20 @@ __global__ void k_conv_first(const float *__restrict__ x, int n, int L,
 		}
 		v = fmaxf(v, 0.0f);
 	}
-	y[idx] = v;
+	y[i * rows * Cout + idx] = v;
 }
 
 void mtlz_cu_conv_first(const float *x, int n, int L, const float *w, const float *b,
 			int Cout, int k, int pad, float *y, cudaStream_t s)
 {
-	const size_t total = (size_t)n * (L + 2 * pad - k + 1 + 2 * pad) * Cout;
+	const int per = (L + 2 * pad - k + 1 + 2 * pad) * Cout;
 
-	k_conv_first<<<mtlz_blocks(total, TPB), TPB, 0, s>>>(x, n, L, w, b, Cout, k, pad, y);
+	for (int i0 = 0; i0 < n; i0 += SPECTRA_Y) {
+		dim3 grid(mtlz_blocks((size_t)per, TPB), MTLZ_MIN(n - i0, SPECTRA_Y));
+
+		k_conv_first<<<grid, TPB, 0, s>>>(x + (size_t)i0 * L, L, w, b, Cout, k, pad,
+						  y + (size_t)i0 * per);
+	}
 }
 
 /* b[co] + sum_j Z[(base + j)][j*Cout + co], Z rows of k*Cout */
@@ -65,52 +71,52 @@ __device__ __forceinline__ float conv_at(const float *__restrict__ Z, size_t bas
 	return v;
 }
 
-__global__ void k_conv_epilogue(const float *__restrict__ Z, int n, int Lin_pad, int Lout,
+__global__ void k_conv_epilogue(const float *__restrict__ Z, int Lin_pad, int Lout,
 				int Cout, int k, const float *__restrict__ b, int pad,
 				float *__restrict__ y)
 {
 	const int rows = Lout + 2 * pad;
-	const size_t total = (size_t)n * rows * Cout;
-	size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+	const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+	const size_t i = blockIdx.y;
 
-	if (idx >= total)
+	if (idx >= rows * Cout)
 		return;
-	const int co = (int)(idx % Cout);
-	const size_t ir = idx / Cout;
-	const int r = (int)(ir % rows), i = (int)(ir / rows), t = r - pad;
+	const int co = idx % Cout, t = idx / Cout - pad;
 	float v = 0.0f;
 
 	if (t >= 0 && t < Lout)
-		v = fmaxf(conv_at(Z, (size_t)i * Lin_pad + t, Cout, k, co, b[co]), 0.0f);
-	y[idx] = v;
+		v = fmaxf(conv_at(Z, i * Lin_pad + t, Cout, k, co, b[co]), 0.0f);
+	y[i * rows * Cout + idx] = v;
 }
 
 void mtlz_cu_conv_epilogue(const float *Z, int n, int Lin_pad, int Lout, int Cout, int k,
 			   const float *b, int pad, float *y, cudaStream_t s)
 {
-	const size_t total = (size_t)n * (Lout + 2 * pad) * Cout;
+	const int per = (Lout + 2 * pad) * Cout;
 
-	k_conv_epilogue<<<mtlz_blocks(total, TPB), TPB, 0, s>>>(Z, n, Lin_pad, Lout, Cout, k,
-								 b, pad, y);
+	for (int i0 = 0; i0 < n; i0 += SPECTRA_Y) {
+		dim3 grid(mtlz_blocks((size_t)per, TPB), MTLZ_MIN(n - i0, SPECTRA_Y));
+
+		k_conv_epilogue<<<grid, TPB, 0, s>>>(Z + (size_t)i0 * Lin_pad * k * Cout, Lin_pad,
+						     Lout, Cout, k, b, pad, y + (size_t)i0 * per);
+	}
 }
 
-__global__ void k_conv_epilogue_pool(const float *__restrict__ Z, int n, int Lin_pad,
+__global__ void k_conv_epilogue_pool(const float *__restrict__ Z, int Lin_pad,
 				     int Lout, int Cout, int k, const float *__restrict__ b,
 				     int pool, int pad, float *__restrict__ y)
 {
 	const int Lp = (Lout - pool) / pool + 1, rows = Lp + 2 * pad;
-	const size_t total = (size_t)n * rows * Cout;
-	size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+	const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+	const size_t i = blockIdx.y;
 
-	if (idx >= total)
+	if (idx >= rows * Cout)
 		return;
-	const int co = (int)(idx % Cout);
-	const size_t ir = idx / Cout;
-	const int r = (int)(ir % rows), i = (int)(ir / rows), q = r - pad;
+	const int co = idx % Cout, q = idx / Cout - pad;
 	float v = 0.0f;
 
 	if (q >= 0 && q < Lp) {
-		const size_t base = (size_t)i * Lin_pad + (size_t)q * pool;
+		const size_t base = i * Lin_pad + (size_t)q * pool;
 		const float bias = b[co];
 
 		v = conv_at(Z, base, Cout, k, co, bias);
@@ -118,18 +124,22 @@ __global__ void k_conv_epilogue_pool(const float *__restrict__ Z, int n, int Lin
 			v = fmaxf(v, conv_at(Z, base + u, Cout, k, co, bias));
 		v = fmaxf(v, 0.0f); /* relu(max) = max(relu) */
 	}
-	y[idx] = v;
+	y[i * rows * Cout + idx] = v;
 }
 
 void mtlz_cu_conv_epilogue_pool(const float *Z, int n, int Lin_pad, int Lout, int Cout,
 				int k, const float *b, int pool, int pad, float *y,
 				cudaStream_t s)
 {
-	const int Lp = (Lout - pool) / pool + 1;
-	const size_t total = (size_t)n * (Lp + 2 * pad) * Cout;
+	const int Lp = (Lout - pool) / pool + 1, per = (Lp + 2 * pad) * Cout;
 
-	k_conv_epilogue_pool<<<mtlz_blocks(total, TPB), TPB, 0, s>>>(Z, n, Lin_pad, Lout, Cout,
-								      k, b, pool, pad, y);
+	for (int i0 = 0; i0 < n; i0 += SPECTRA_Y) {
+		dim3 grid(mtlz_blocks((size_t)per, TPB), MTLZ_MIN(n - i0, SPECTRA_Y));
+
+		k_conv_epilogue_pool<<<grid, TPB, 0, s>>>(Z + (size_t)i0 * Lin_pad * k * Cout,
+							  Lin_pad, Lout, Cout, k, b, pool, pad,
+							  y + (size_t)i0 * per);
+	}
 }
 
 __global__ void k_gap(const float *__restrict__ act, int n, int L, int C, int pad,
@@ -271,6 +281,20 @@ __global__ void k_mc_sigma(const float *__restrict__ v, int n, int mc, double *_
 void mtlz_cu_mc_sigma(const float *v, int n, int mc, double *sigma, cudaStream_t s)
 {
 	k_mc_sigma<<<mtlz_blocks((size_t)n, 64), 64, 0, s>>>(v, n, mc, sigma);
+}
+
+__global__ void k_fill(float *p, size_t n, float v)
+{
+	size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+
+	if (idx < n)
+		p[idx] = v;
+}
+
+void mtlz_cu_fill(float *p, size_t n, float v, cudaStream_t s)
+{
+	if (n)
+		k_fill<<<mtlz_blocks(n, TPB), TPB, 0, s>>>(p, n, v);
 }
 
 __global__ void k_poison(float *p, size_t n)

@@ -28,6 +28,14 @@ void mtlz_cu_conv_epilogue(const float *Z, int n, int Lin_pad, int Lout, int Cou
 void mtlz_cu_conv_epilogue_pool(const float *Z, int n, int Lin_pad, int Lout, int Cout,
 				int k, const float *b, int pool, int pad, float *y,
 				cudaStream_t s);
+/* Fused direct convolution (conv_direct.cu): in[n][lin_pad][cin] ->
+ * relu(conv + b) [max-pooled when pool > 1] into out[n][rows + 2 pad][cout],
+ * padding rows zeroed; w is [k][cin][cout]. _ok says whether a layer shape
+ * is supported (k = 3, cin % 8 == 0, cout % 16 == 0, pool <= 3). */
+int mtlz_cu_conv_direct_ok(int cin, int cout, int k, int pool);
+void mtlz_cu_conv_direct(const float *in, int n, int lin_pad, int cin, const float *w,
+			 const float *b, int cout, int lout, int pool, int pad, float *out,
+			 cudaStream_t s);
 /* Global average pool of act[n][L + 2 pad][C] over the L inner rows. */
 void mtlz_cu_gap(const float *act, int n, int L, int C, int pad, float *g, cudaStream_t s);
 /* Squeeze-and-excitation on the pooled vector: feat = g * sigmoid(W2 relu(W1 g + b1) + b2)
@@ -46,6 +54,8 @@ void mtlz_cu_mc_rows(const float *feat, const uint64_t *key, int n, int mc, int 
 		     uint32_t keep16, float scale, float *rows, cudaStream_t s);
 /* sigma[i] = population std of v[i*mc .. i*mc + mc) (double sums). */
 void mtlz_cu_mc_sigma(const float *v, int n, int mc, double *sigma, cudaStream_t s);
+/* Fills n floats with v (autotuning inputs). */
+void mtlz_cu_fill(float *p, size_t n, float v, cudaStream_t s);
 /* Fills n floats with NaN (poison mode: proves every output is written). */
 void mtlz_cu_poison(float *p, size_t n, cudaStream_t s);
 

@@ -116,6 +116,38 @@ static mtlz_model *odd_model(uint64_t seed, int attention)
 	return m;
 }
 
+/* Shapes the direct convolution kernel takes, with a max-pool of 2 and
+ * channel counts that pick each of its tile configurations (16, 32, 64). */
+static mtlz_model *pool2_model(uint64_t seed)
+{
+	mtlz_arch a;
+	mtlz_grid g;
+	char err[256];
+	mtlz_model *m;
+
+	memset(&a, 0, sizeof(a));
+	a.input_length = 997;
+	a.n_blocks = 3;
+	a.channels[0] = 16;
+	a.channels[1] = 48;
+	a.channels[2] = 64;
+	a.kernel = 3;
+	a.padding = 1;
+	a.pool = 2;
+	a.attention_reduction = 4;
+	a.n_hidden = 1;
+	a.hidden[0] = 24;
+	a.n_classes = 4;
+	a.dropout = 0.5f;
+	g.wmin = 4000;
+	g.dw = 1;
+	g.wmax = 4996;
+	m = mtlz_model_new_random(&a, &g, seed, err, sizeof(err));
+	cr_assert_not_null(m, "%s", err);
+	mtlz_model_init_he(m, seed);
+	return m;
+}
+
 static mtlz_engine *engine(const char *kind, const mtlz_model *m, int max_batch, int mc,
 			   const char *precision)
 {
@@ -232,6 +264,43 @@ Test(cuda, forward_matches_cpu_odd_model_with_and_without_attention)
 		parity(m, sizes, 3, 0, 1e-4);
 		mtlz_model_free(m);
 	}
+}
+
+Test(cuda, forward_matches_cpu_on_each_convolution_path, .timeout = 300)
+{
+	static const int sizes[] = { 1, 17, 40 }; /* both autotune buckets */
+	static const char *const modes[] = { "gemm", "direct" };
+
+	NEED_GPU();
+	for (int k = 0; k < 2; k++) {
+		mtlz_model *p = paper_model(31 + (uint64_t)k), *q = pool2_model(41 + (uint64_t)k);
+
+		setenv("MTLZ_CUDA_CONV", modes[k], 1);
+		cr_log_info("MTLZ_CUDA_CONV=%s", modes[k]);
+		parity(p, sizes, 3, 10, 1e-4);
+		parity(q, sizes, 3, 10, 1e-4);
+		unsetenv("MTLZ_CUDA_CONV");
+		mtlz_model_free(p);
+		mtlz_model_free(q);
+	}
+}
+
+Test(cuda, autotuned_paths_are_named_in_describe)
+{
+	mtlz_model *m;
+	mtlz_engine *g;
+	const char *d;
+
+	NEED_GPU();
+	m = paper_model(19);
+	g = engine("cuda", m, 64, 0, NULL);
+	d = mtlz_engine_describe(g);
+	cr_log_info("%s", d);
+	/* first layer 'f' (Cin = 1), then one of g/d per layer, per bucket */
+	cr_assert(strstr(d, "conv[<=16]=f") && strstr(d, "conv[>16]=f"), "%s", d);
+	cr_assert_eq(strlen(strstr(d, "conv[>16]=") + strlen("conv[>16]=")), 10, "%s", d);
+	mtlz_engine_free(g);
+	mtlz_model_free(m);
 }
 
 Test(cuda, mc_dropout_sigma_matches_cpu_same_masks, .timeout = 300)
