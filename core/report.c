@@ -154,6 +154,9 @@ static void plot_begin(const char *path, int w, int h)
 	plpsty(0);
 	plwidth(1);
 	plschr(0, CH);
+	/* plain numbers up to 5 digits (0.045), not a "(x10^-2)" factor */
+	plsxax(5, 0);
+	plsyax(5, 0);
 }
 
 /* Ends the session; the PNG must exist and not be empty. */
@@ -317,7 +320,7 @@ static void colour_bar(double lo, double hi, const char *label)
 
 	plcol0(C_FG);
 	plschr(0, 0.9 * CH);
-	plcolorbar(&w, &h, PL_COLORBAR_GRADIENT, PL_POSITION_RIGHT | PL_POSITION_OUTSIDE, 0.02, 0,
+	plcolorbar(&w, &h, PL_COLORBAR_IMAGE, PL_POSITION_RIGHT | PL_POSITION_OUTSIDE, 0.02, 0,
 		   0.035, 0.9, C_BG, C_FG, 1, 0, 0, 0, 0, 1, label_opts, labels, 1, axis, ticks,
 		   sub, n_values, values);
 	plschr(0, CH);
@@ -636,7 +639,10 @@ static int fig_oh(const char *path, const mtlz_report_input *in, int w, int hgt,
 	/* main: density, 1:1, running median and percentiles */
 	plvpor(0.1, 0.8, 0.11, 0.63);
 	plwind(xlo, xhi, ylo, yhi);
-	plimage((const PLFLT *const *)img, nb, nb, xlo, xhi, ylo, yhi, 0, zmax, xlo, xhi, ylo, yhi);
+	/* plimagefr, not plimage: plimage maps the colours over the data range
+	 * (empty cells included), plimagefr over [0, zmax] like the colour bar */
+	plimagefr((const PLFLT *const *)img, nb, nb, xlo, xhi, ylo, yhi, 0, zmax, 0, zmax, NULL,
+		  NULL);
 	plcol0(C_FG);
 	plwidth(2);
 	{
@@ -977,7 +983,7 @@ static int fig_bins(const char *path, const json_t *bins, const char *what, cons
 	pllsty(L_SOLID);
 	plcol0(C_FG);
 	plbox("bcg", 1, 0, "bcnstv", 0, 0);
-	plmtex("l", 4.5, 0.5, 0.5, "ΔZ = Z#dpred#u - Z#dtrue#u (dex)");
+	plmtex("l", 4.5, 0.5, 0.5, "σ(ΔZ), <ΔZ> (dex)");
 	plwidth(2);
 	plcol0(C_ORANGE);
 	pllsty(L_DASH);
