@@ -9,16 +9,23 @@ OUT=${OUT:-$(mktemp -d)}
 py_lib() { python3 -c "import os, $1 as m; print(os.path.join(list(m.__path__)[0], 'lib'))" 2>/dev/null; }
 export LD_LIBRARY_PATH="$PWD/.devrun/lib:/usr/local/cuda/lib64:$(py_lib nvidia.cu13):$(py_lib nvidia.cublas):$(py_lib nvidia.cuda_runtime):${LD_LIBRARY_PATH:-}"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/nvidia-smi.txt"
-ldd .devrun/bin/test_cuda | grep -E "not found|cublas|cudart"
+ldd .devrun/tests/test_cuda | grep -E "not found|cublas|cudart"
 echo "== test_cuda"
-timeout 150 .devrun/bin/test_cuda --verbose --jobs 2 >"$OUT/test_cuda.log" 2>&1
+timeout 150 .devrun/tests/test_cuda --verbose --jobs 2 >"$OUT/test_cuda.log" 2>&1
 echo "rc=$?"
 grep -E "^\[(PASS|FAIL|SKIP)|Synthesis|rel err|cannot reserve|Assert|\[ERR" "$OUT/test_cuda.log" | cut -c1-300
 echo "== test_engine"
-timeout 60 .devrun/bin/test_engine --jobs 4 2>&1 | tail -1
+timeout 60 .devrun/tests/test_engine --jobs 4 2>&1 | tail -1
 echo "== profile (events between stages, no graphs)"
-MTLZ_CUDA_PROFILE=1 timeout 60 .devrun/bin/mtlz bench --engine cuda --batch 1,64,4096 --threads 1 \
-	--seconds 1 --no-preprocess 2>&1 | tee "$OUT/profile.log"
+for conv in auto gemm direct; do
+	echo "-- MTLZ_CUDA_CONV=$conv"
+	MTLZ_CUDA_CONV=$conv MTLZ_CUDA_PROFILE=1 timeout 60 .devrun/tools/mtlz bench --engine cuda \
+		--batch 1,64,4096 --threads 1 --seconds 1 --no-preprocess 2>&1
+done | tee "$OUT/profile.log"
 echo "== bench"
-timeout "${BENCH_TIMEOUT:-280}" python3 -u bench/gpu_vs_torch.py --mtlz .devrun/bin/mtlz \
+timeout "${BENCH_TIMEOUT:-280}" python3 -u bench/gpu_vs_torch.py --mtlz .devrun/tools/mtlz \
 	--model .devrun/model.safetensors --seconds 1 --compile-budget 100 2>&1 | tee "$OUT/bench.log"
+if [ -n "${E2E:-}" ]; then
+	echo "== daemon end to end through the dev broker (engine cuda)"
+	B=.devrun ENGINE=cuda timeout 200 bench/e2e.sh 4000 16 100 200 2>&1 | tee "$OUT/e2e.log"
+fi

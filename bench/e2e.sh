@@ -16,13 +16,15 @@
 #
 # usage: bench/e2e.sh [N (default 4000)] [THREADS (default: all cores)]
 #                     [MC (default 100)] [LATENCY_RATE (default 200)]
+# environment: ENGINE=cpu|cuda|auto (default cpu), B=build folder (build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-4000}
 T=${2:-$(nproc)}
 MC=${3:-100}
 RATE=${4:-200}
-B=build
+B=${B:-build}
+ENGINE=${ENGINE:-cpu}
 [ -x $B/daemon/mtlzd ] || { tools/install-deps.sh && tools/build.sh build; }
 export MTLZ_SCHEMA_DIR="$PWD/schemas"
 work=$(mktemp -d)
@@ -48,14 +50,14 @@ start_broker() {
 }
 start_daemon() {
 	$B/daemon/mtlzd --config etc/mtlzd.yaml --set kafka.brokers="$1" --set model.path="$model" \
-		--set engine.threads="$T" --set engine.mc_samples="$MC" --set batch.max_size=64 \
+		--set engine.kind="$ENGINE" --set engine.threads="$T" --set engine.mc_samples="$MC" --set batch.max_size=64 \
 		--set batch.max_delay_ms=50 --set log.level=info --set status.interval_ms=100000 \
 		--set kafka.consumer.fetch.wait.max.ms=10 ${EXTRA:-} 2> "$work/mtlzd$2.log" &
 	pids+=($!)
 }
 
 echo "# $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; N=$N threads=$T mc=$MC batch=64"
-engine=$($B/tools/mtlz bench -m "$model" --threads "$T" --batch 64 --mc "$MC" --seconds 5 --no-preprocess | grep '^engine')
+engine=$($B/tools/mtlz bench -m "$model" --engine "$ENGINE" --threads "$T" --batch 64 --mc "$MC" --seconds 5 --no-preprocess | grep '^engine')
 echo "$engine"
 engine_rate=$(echo "$engine" | sed 's/.*: \([0-9.]*\) spectra\/s/\1/')
 

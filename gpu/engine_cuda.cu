@@ -47,6 +47,9 @@ extern "C" {
 
 #define MAX_LAYERS (2 * MTLZ_MAX_BLOCKS)
 #define MAX_GRAPHS 128
+/* Batches up to this size run both heads in one fused launch (a block per
+ * spectrum and head); larger ones as cuBLAS GEMMs over the batch. */
+#define HEADS_FUSED_MAX 64
 
 struct cu_layer {
 	int cin, cout, k;
@@ -689,9 +692,28 @@ static int enqueue(struct cuda_ctx *c, int n, int mc, char *errstr, size_t errst
 				       cudaMemcpyDeviceToDevice, c->st));
 	}
 	mark(c, "gap+attention");
-	if ((rc = run_head(c, &c->head[0], c->feat, n, c->logits, errstr, errstr_size)) ||
-	    (rc = run_head(c, &c->head[1], c->feat, n, c->metal, errstr, errstr_size)))
+	if (n <= HEADS_FUSED_MAX && c->head[0].n_layers <= 5) {
+		struct mtlz_cu_heads h;
+
+		memset(&h, 0, sizeof(h));
+		h.width = c->h_width;
+		for (int hd = 0; hd < 2; hd++) {
+			h.n_layers[hd] = c->head[hd].n_layers;
+			for (int l = 0; l < c->head[hd].n_layers; l++) {
+				h.in[hd][l] = c->head[hd].in[l];
+				h.out[hd][l] = c->head[hd].out[l];
+				h.w[hd][l] = c->head[hd].w[l];
+				h.b[hd][l] = c->head[hd].b[l];
+			}
+		}
+		h.y[0] = c->logits;
+		h.y[1] = c->metal;
+		mtlz_cu_heads_fused(c->feat, n, &h, c->st);
+		LAUNCH_TRY("heads_fused");
+	} else if ((rc = run_head(c, &c->head[0], c->feat, n, c->logits, errstr, errstr_size)) ||
+		   (rc = run_head(c, &c->head[1], c->feat, n, c->metal, errstr, errstr_size))) {
 		return rc;
+	}
 	mark(c, "heads");
 	if (do_mc) {
 		const float keep = 1.0f - c->dropout;

@@ -203,6 +203,54 @@ void mtlz_cu_attention(const float *g, int n, int C, int H, const float *w1,
 									 b2, feat);
 }
 
+__global__ void k_heads_fused(const float *__restrict__ feat, struct mtlz_cu_heads h)
+{
+	extern __shared__ float sh[];
+	float *cur = sh, *nxt = sh + h.width;
+	const int i = blockIdx.x, hd = blockIdx.y, lane = threadIdx.x & 31,
+		  warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+	const int C = h.in[hd][0];
+
+	for (int k = threadIdx.x; k < C; k += blockDim.x)
+		cur[k] = feat[(size_t)i * C + k];
+	__syncthreads();
+	for (int l = 0; l < h.n_layers[hd]; l++) {
+		const int in = h.in[hd][l], out = h.out[hd][l], last = l == h.n_layers[hd] - 1;
+		const float *W = h.w[hd][l];
+
+		for (int o = warp; o < out; o += warps) {
+			float a = 0.0f;
+
+			for (int k = lane; k < in; k += 32)
+				a += W[(size_t)o * in + k] * cur[k];
+			for (int off = 16; off > 0; off >>= 1)
+				a += __shfl_down_sync(0xffffffffu, a, off);
+			if (lane == 0) {
+				a += h.b[hd][l][o];
+				if (last)
+					h.y[hd][(size_t)i * out + o] = a;
+				else
+					nxt[o] = fmaxf(a, 0.0f);
+			}
+		}
+		__syncthreads();
+		{
+			float *t = cur;
+
+			cur = nxt;
+			nxt = t;
+		}
+	}
+}
+
+void mtlz_cu_heads_fused(const float *feat, int n, const struct mtlz_cu_heads *h,
+			 cudaStream_t s)
+{
+	dim3 grid(n, 2);
+
+	k_heads_fused<<<grid, 256, 2 * (size_t)h->width * sizeof(float), s>>>(feat, *h);
+}
+
 __global__ void k_bias_act(float *__restrict__ y, size_t rows, int cols,
 			   const float *__restrict__ b, int relu)
 {

@@ -43,6 +43,18 @@ void mtlz_cu_gap(const float *act, int n, int L, int C, int pad, float *g, cudaS
 void mtlz_cu_attention(const float *g, int n, int C, int H, const float *w1,
 		       const float *b1, const float *w2, const float *b2, float *feat,
 		       cudaStream_t s);
+/* Both heads of n spectra in one launch (small batches: one block per
+ * spectrum and head, a warp per output unit), ReLU between layers.
+ * out[0] = logits [n][out of class head], out[1] = metal [n]. */
+struct mtlz_cu_heads {
+	int n_layers[2];
+	int in[2][5], out[2][5];
+	const float *w[2][5], *b[2][5];
+	float *y[2];
+	int width; /* widest layer */
+};
+void mtlz_cu_heads_fused(const float *feat, int n, const struct mtlz_cu_heads *h,
+			 cudaStream_t s);
 /* y[rows][cols] += b[cols]; relu when asked. */
 void mtlz_cu_bias_act(float *y, size_t rows, int cols, const float *b, int relu,
 		      cudaStream_t s);
