@@ -15,6 +15,11 @@
  * done in registers. Blocks at a spectrum's ends write its zero padding rows.
  *
  * Supported: k = 3, Cin % 8 == 0, Cout % 16 == 0, pool in {1, 2, 3}.
+ *
+ * The _first variant also does the network's first layer (Cin = 1, k = 3)
+ * on the fly while staging the input tile: it reads the raw spectrum, and
+ * the first layer's output (16 channels x every pixel, the largest
+ * activation of the model) never goes through device memory.
  * engine_cuda.cu times this against the GEMM path per layer and keeps the
  * faster (docs/cuda.md).
  */
@@ -24,11 +29,17 @@
 #define KW 3
 #define BK 8
 
-template <int BM, int BN, int TM, int TN, int POOL>
+/* The first layer, fused: raw spectra x[n][L], its weights [cin][1][3]. */
+struct first_layer {
+	const float *x, *w, *b;
+	int L;
+};
+
+template <int BM, int BN, int TM, int TN, int POOL, bool FIRST>
 __global__ void __launch_bounds__((BM / TM) * (BN / TN))
 k_conv_direct(const float *__restrict__ in, int lin_pad, int cin, const float *__restrict__ w,
 	      const float *__restrict__ b, int cout, int lout, int pad, int rows_out,
-	      float *__restrict__ out)
+	      float *__restrict__ out, struct first_layer f)
 {
 	constexpr int NT = (BM / TM) * (BN / TN), AR = BM + KW - 1;
 	__shared__ float As[BK][AR + 1];
@@ -45,6 +56,30 @@ k_conv_direct(const float *__restrict__ in, int lin_pad, int cin, const float *_
 		for (int q = 0; q < TN; q++)
 			acc[m][q] = 0.0f;
 	for (int c0 = 0; c0 < cin; c0 += BK) {
+		if (FIRST) {
+			/* padded first-layer row R = t0 + r: relu(conv(x)) inside,
+			 * zero in the padding */
+			const float *xs = f.x + i * f.L;
+			const int l1 = lin_pad - 2 * pad;
+
+			for (int e = tid; e < AR * BK; e += NT) {
+				const int r = e / BK, kk = e % BK, t1 = t0 + r - pad;
+				float v = 0.0f;
+
+				if (t1 >= 0 && t1 < l1) {
+					v = f.b[c0 + kk];
+#pragma unroll
+					for (int j = 0; j < KW; j++) {
+						const int sx = t1 + j - pad;
+
+						if (sx >= 0 && sx < f.L)
+							v = fmaf(f.w[(c0 + kk) * KW + j], xs[sx], v);
+					}
+					v = fmaxf(v, 0.0f);
+				}
+				As[kk][r] = v;
+			}
+		} else
 		for (int e = tid; e < AR * (BK / 4); e += NT) {
 			const int r = e / (BK / 4), c4 = (e % (BK / 4)) * 4, row = t0 + r;
 			float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -140,10 +175,10 @@ int mtlz_cu_conv_direct_ok(int cin, int cout, int k, int pool)
 	return k == KW && cin % BK == 0 && cout % 16 == 0 && pool >= 1 && pool <= 3;
 }
 
-template <int BM, int BN, int TM, int TN>
+template <int BM, int BN, int TM, int TN, bool FIRST>
 static void launch(const float *in, int n, int lin_pad, int cin, const float *w,
 		   const float *b, int cout, int lout, int pool, int pad, float *out,
-		   cudaStream_t s)
+		   struct first_layer f, cudaStream_t s)
 {
 	const int Lp = pool > 1 ? (lout - pool) / pool + 1 : lout;
 	const int rows_out = Lp + 2 * pad;
@@ -152,29 +187,51 @@ static void launch(const float *in, int n, int lin_pad, int cin, const float *w,
 
 	for (int i0 = 0; i0 < n; i0 += 65535) {
 		dim3 grid(MTLZ_MAX(tiles, 1), MTLZ_MIN(n - i0, 65535), cout / BN);
-		const float *src = in + (size_t)i0 * lin_pad * cin;
+		const float *src = FIRST ? in : in + (size_t)i0 * lin_pad * cin;
 		float *dst = out + (size_t)i0 * rows_out * cout;
+		struct first_layer fi = f;
 
+		if (FIRST)
+			fi.x = f.x + (size_t)i0 * f.L;
 		if (pool == 1)
-			k_conv_direct<BM, BN, TM, TN, 1><<<grid, (BM / TM) * (BN / TN), 0, s>>>(
-				src, lin_pad, cin, w, b, cout, lout, pad, rows_out, dst);
+			k_conv_direct<BM, BN, TM, TN, 1, FIRST><<<grid, (BM / TM) * (BN / TN), 0, s>>>(
+				src, lin_pad, cin, w, b, cout, lout, pad, rows_out, dst, fi);
 		else if (pool == 2)
-			k_conv_direct<BM, BN, TM, TN, 2><<<grid, (BM / TM) * (BN / TN), 0, s>>>(
-				src, lin_pad, cin, w, b, cout, lout, pad, rows_out, dst);
+			k_conv_direct<BM, BN, TM, TN, 2, FIRST><<<grid, (BM / TM) * (BN / TN), 0, s>>>(
+				src, lin_pad, cin, w, b, cout, lout, pad, rows_out, dst, fi);
 		else
-			k_conv_direct<BM, BN, TM, TN, 3><<<grid, (BM / TM) * (BN / TN), 0, s>>>(
-				src, lin_pad, cin, w, b, cout, lout, pad, rows_out, dst);
+			k_conv_direct<BM, BN, TM, TN, 3, FIRST><<<grid, (BM / TM) * (BN / TN), 0, s>>>(
+				src, lin_pad, cin, w, b, cout, lout, pad, rows_out, dst, fi);
 	}
+}
+
+template <bool FIRST>
+static void dispatch(const float *in, int n, int lin_pad, int cin, const float *w,
+		     const float *b, int cout, int lout, int pool, int pad, float *out,
+		     struct first_layer f, cudaStream_t s)
+{
+	if (cout % 64 == 0)
+		launch<192, 64, 6, 8, FIRST>(in, n, lin_pad, cin, w, b, cout, lout, pool, pad, out, f, s);
+	else if (cout % 32 == 0)
+		launch<192, 32, 6, 4, FIRST>(in, n, lin_pad, cin, w, b, cout, lout, pool, pad, out, f, s);
+	else
+		launch<288, 16, 6, 4, FIRST>(in, n, lin_pad, cin, w, b, cout, lout, pool, pad, out, f, s);
 }
 
 void mtlz_cu_conv_direct(const float *in, int n, int lin_pad, int cin, const float *w,
 			 const float *b, int cout, int lout, int pool, int pad, float *out,
 			 cudaStream_t s)
 {
-	if (cout % 64 == 0)
-		launch<192, 64, 6, 8>(in, n, lin_pad, cin, w, b, cout, lout, pool, pad, out, s);
-	else if (cout % 32 == 0)
-		launch<192, 32, 6, 4>(in, n, lin_pad, cin, w, b, cout, lout, pool, pad, out, s);
-	else
-		launch<288, 16, 6, 4>(in, n, lin_pad, cin, w, b, cout, lout, pool, pad, out, s);
+	struct first_layer f = { NULL, NULL, NULL, 0 };
+
+	dispatch<false>(in, n, lin_pad, cin, w, b, cout, lout, pool, pad, out, f, s);
+}
+
+void mtlz_cu_conv_direct_first(const float *x, int L, const float *w1, const float *b1,
+			       int n, int lin_pad, int cin, const float *w, const float *b,
+			       int cout, int lout, int pool, int pad, float *out, cudaStream_t s)
+{
+	struct first_layer f = { x, w1, b1, L };
+
+	dispatch<true>(NULL, n, lin_pad, cin, w, b, cout, lout, pool, pad, out, f, s);
 }

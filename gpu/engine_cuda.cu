@@ -21,9 +21,12 @@
  *
  * Each convolution has two implementations where the shape allows: the
  * GEMM path above and a fused direct kernel (conv_direct.cu) that never
- * writes Z. set_model() times both for every layer at a small (8) and a
- * large (min(max_batch, 1024)) batch and keeps the faster for each; the
- * choice is in describe().
+ * writes Z, and for the second layer a variant that also computes the first
+ * (Cin = 1) layer on the fly. set_model() times the candidates for every
+ * layer at a small (8) and a large (min(max_batch, 1024)) batch and keeps
+ * the fastest for each; describe() shows the choice per layer (f: first
+ * layer kernel, g: GEMM path, d: direct, F: direct with the first layer
+ * fused in).
  *
  * Environment (for tests and benches): MTLZ_CUDA_DEVICE (ordinal, default
  * 0), MTLZ_CUDA_GRAPHS (largest batch replayed from a graph, default 64;
@@ -59,7 +62,9 @@ struct cu_layer {
 	float *w;          /* cin == 1: [cout][k]; else [cin][k*cout] */
 	float *b;
 	float *wd;         /* direct kernel: [k][cin][cout]; NULL when unsupported */
-	int direct[2];     /* use it: [0] batches <= 16, [1] larger ones */
+	int direct[2];     /* [0] batches <= 16, [1] larger ones: 0 GEMM path,
+			    * 1 direct kernel, 2 direct kernel with the first
+			    * layer fused in (layer 1 only; layer 0 is skipped) */
 };
 
 struct cu_head {
@@ -537,6 +542,13 @@ static int conv_layer(struct cuda_ctx *c, const struct cu_layer *Lr, int n, cons
 		mtlz_cu_conv_first(c->x, n, c->arch.input_length, Lr->w, Lr->b, Lr->cout, Lr->k,
 				   pad, out, c->st);
 		LAUNCH_TRY("conv_first");
+	} else if (direct == 2) {
+		const struct cu_layer *L0 = &c->conv[0];
+
+		mtlz_cu_conv_direct_first(c->x, c->arch.input_length, L0->w, L0->b, n, Lr->lin_pad,
+					  Lr->cin, Lr->wd, Lr->b, Lr->cout, Lr->lout,
+					  Lr->pool ? Lr->pool : 1, pad, out, c->st);
+		LAUNCH_TRY("conv_direct_first");
 	} else if (direct) {
 		mtlz_cu_conv_direct(in, n, Lr->lin_pad, Lr->cin, Lr->wd, Lr->b, Lr->cout, Lr->lout,
 				    Lr->pool ? Lr->pool : 1, pad, out, c->st);
@@ -558,7 +570,7 @@ static int conv_layer(struct cuda_ctx *c, const struct cu_layer *Lr, int n, cons
 	return MTLZ_OK;
 }
 
-/* Median of 5 timed runs of one layer by one path, in ms. */
+/* Median of 5 timed runs of one layer by one path (conv_layer's direct), in ms. */
 static int time_layer(struct cuda_ctx *c, const struct cu_layer *Lr, int n, int direct,
 		      cudaEvent_t e0, cudaEvent_t e1, float *ms, char *errstr, size_t errstr_size)
 {
@@ -599,27 +611,37 @@ static int choose_conv(struct cuda_ctx *c, char *errstr, size_t errstr_size)
 	memset(pick, 0, sizeof(pick));
 	CU_TRY(cudaEventCreate(&e0));
 	CU_TRY(cudaEventCreate(&e1));
+	mtlz_cu_fill(c->x, (size_t)nb[1] * c->arch.input_length, 1.0f, c->st);
 	mtlz_cu_fill(c->act0, (size_t)nb[1] * c->act_floats, 0.5f, c->st);
 	mtlz_cu_fill(c->act1, (size_t)nb[1] * c->act_floats, 0.5f, c->st);
 	for (int b = 0; b < 2 && rc == MTLZ_OK; b++)
 		for (int i = 0; i < c->n_conv && rc == MTLZ_OK; i++) {
 			struct cu_layer *Lr = &c->conv[i];
-			float tg = 0, td = 0;
+			/* layer 1 after a Cin = 1, k = 3 first layer can take it in */
+			const int fuse = i == 1 && c->conv[0].cin == 1 && c->conv[0].k == 3;
+			float tg = 0, td = 0, tf = 0, t0 = 0;
 
 			Lr->direct[b] = 0;
 			pick[b][i] = Lr->cin == 1 ? 'f' : 'g';
 			if (!Lr->wd || c->conv_mode == 1)
 				continue;
 			if (c->conv_mode == 2) {
-				Lr->direct[b] = 1;
+				Lr->direct[b] = fuse ? 2 : 1;
 			} else {
 				rc = time_layer(c, Lr, nb[b], 0, e0, e1, &tg, errstr, errstr_size);
 				if (!rc)
 					rc = time_layer(c, Lr, nb[b], 1, e0, e1, &td, errstr, errstr_size);
-				Lr->direct[b] = !rc && td < tg;
+				if (!rc && fuse)
+					rc = time_layer(c, Lr, nb[b], 2, e0, e1, &tf, errstr, errstr_size);
+				if (!rc && fuse)
+					rc = time_layer(c, &c->conv[0], nb[b], 0, e0, e1, &t0, errstr,
+							errstr_size);
+				Lr->direct[b] = td < tg ? 1 : 0;
+				if (fuse && tf < t0 + MTLZ_MIN(tg, td))
+					Lr->direct[b] = 2;
 			}
 			if (Lr->direct[b])
-				pick[b][i] = 'd';
+				pick[b][i] = Lr->direct[b] == 2 ? 'F' : 'd';
 		}
 	cudaEventDestroy(e0);
 	cudaEventDestroy(e1);
@@ -667,7 +689,9 @@ static int enqueue(struct cuda_ctx *c, int n, int mc, char *errstr, size_t errst
 	for (int i = 0; i < c->n_conv; i++) {
 		const struct cu_layer *Lr = &c->conv[i];
 
-		if ((rc = conv_layer(c, Lr, n, in, out, Lr->wd && Lr->direct[n > 16], errstr,
+		if (i == 0 && c->n_conv > 1 && c->conv[1].wd && c->conv[1].direct[n > 16] == 2)
+			continue; /* done inside layer 1 */
+		if ((rc = conv_layer(c, Lr, n, in, out, Lr->wd ? Lr->direct[n > 16] : 0, errstr,
 				     errstr_size)))
 			return rc;
 		{

@@ -36,6 +36,12 @@ int mtlz_cu_conv_direct_ok(int cin, int cout, int k, int pool);
 void mtlz_cu_conv_direct(const float *in, int n, int lin_pad, int cin, const float *w,
 			 const float *b, int cout, int lout, int pool, int pad, float *out,
 			 cudaStream_t s);
+/* The same with the network's first layer (Cin = 1, k = 3, weights w1
+ * [cin][1][3], bias b1) computed on the fly from the raw spectra x[n][L]:
+ * the first layer's output is never written. */
+void mtlz_cu_conv_direct_first(const float *x, int L, const float *w1, const float *b1,
+			       int n, int lin_pad, int cin, const float *w, const float *b,
+			       int cout, int lout, int pool, int pad, float *out, cudaStream_t s);
 /* Global average pool of act[n][L + 2 pad][C] over the L inner rows. */
 void mtlz_cu_gap(const float *act, int n, int L, int C, int pad, float *g, cudaStream_t s);
 /* Squeeze-and-excitation on the pooled vector: feat = g * sigmoid(W2 relu(W1 g + b1) + b2)

@@ -298,6 +298,7 @@ Test(cuda, autotuned_paths_are_named_in_describe)
 	cr_log_info("%s", d);
 	/* first layer 'f' (Cin = 1), then one of g/d per layer, per bucket */
 	cr_assert(strstr(d, "conv[<=16]=f") && strstr(d, "conv[>16]=f"), "%s", d);
+	cr_assert(strspn(strstr(d, "conv[>16]=") + strlen("conv[>16]=") + 1, "gdF") == 9, "%s", d);
 	cr_assert_eq(strlen(strstr(d, "conv[>16]=") + strlen("conv[>16]=")), 10, "%s", d);
 	mtlz_engine_free(g);
 	mtlz_model_free(m);
