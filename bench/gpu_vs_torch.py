@@ -116,6 +116,7 @@ def torch_variants(model, B, L, seconds, compile_ok):
 
         if compile_ok:
             t0 = time.perf_counter()
+            torch._dynamo.reset()  # a fresh compile per batch size (no recompile limit)
             cm = torch.compile(model, dynamic=False)
 
             def cfwd(x):
