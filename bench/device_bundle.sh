@@ -9,9 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${1:-build-cuda}
 cmake -S . -B "$B" -DMTLZ_CUDA=ON >/dev/null
-cmake --build "$B" -j"$(nproc)" --target mtlz mtlzd mtlz-devbroker mtlz-replay test_cuda test_engine
+cmake --build "$B" -j"$(nproc)" --target mtlz mtlz-retrain mtlzd mtlz-devbroker mtlz-replay test_cuda test_engine
 rm -rf .devrun && mkdir -p .devrun/tools .devrun/daemon .devrun/tests .devrun/lib
-cp "$B/tools/mtlz" "$B/tools/mtlz-devbroker" "$B/tools/mtlz-replay" .devrun/tools/
+cp "$B/tools/mtlz" "$B/tools/mtlz-retrain" "$B/tools/mtlz-devbroker" "$B/tools/mtlz-replay" .devrun/tools/
 cp "$B/daemon/mtlzd" .devrun/daemon/
 cp "$B/tests/test_cuda" "$B/tests/test_engine" .devrun/tests/
 for b in .devrun/tools/* .devrun/daemon/* .devrun/tests/*; do ldd "$b"; done | awk '/=>/ { print $3 }' | sort -u |
@@ -25,4 +25,8 @@ gcc -shared -fPIC -O2 -o .devrun/lib/libopenblas.so.0 -Wl,-soname,libopenblas.so
 	-Wl,--no-as-needed -L.devrun/lib -l:libblas.so.3 -Wl,-rpath,'$ORIGIN'
 LD_LIBRARY_PATH=.devrun/lib .devrun/tools/mtlz init -o .devrun/model.safetensors
 grep -qx '/.devrun/' .git/info/exclude 2>/dev/null || echo '/.devrun/' >>.git/info/exclude
+# the working tree and the carried paths travel under 64 MiB together: ship
+# the bundle xz-compressed (device_check.sh unpacks it)
+tar -C .devrun -cf - . | xz -T0 -6 >/tmp/mtlz-devrun.tar.xz
+rm -rf .devrun && mkdir .devrun && mv /tmp/mtlz-devrun.tar.xz .devrun/bundle.tar.xz
 du -shL .devrun

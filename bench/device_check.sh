@@ -6,8 +6,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
+[ -f .devrun/bundle.tar.xz ] && tar -C .devrun -xJf .devrun/bundle.tar.xz
 py_lib() { python3 -c "import os, $1 as m; print(os.path.join(list(m.__path__)[0], 'lib'))" 2>/dev/null; }
 export LD_LIBRARY_PATH="$PWD/.devrun/lib:/usr/local/cuda/lib64:$(py_lib nvidia.cu13):$(py_lib nvidia.cublas):$(py_lib nvidia.cuda_runtime):${LD_LIBRARY_PATH:-}"
+export MTLZ_SCHEMA_DIR="$PWD/schemas" MTLZ_DATA_DIR="$PWD/data"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/nvidia-smi.txt"
 ldd .devrun/tests/test_cuda | grep -E "not found|cublas|cudart"
 echo "== test_cuda"
@@ -17,14 +19,26 @@ grep -E "^\[(PASS|FAIL|SKIP)|Synthesis|rel err|cannot reserve|Assert|\[ERR" "$OU
 echo "== test_engine"
 timeout 60 .devrun/tests/test_engine --jobs 4 2>&1 | tail -1
 echo "== profile (events between stages, no graphs)"
-for conv in auto gemm direct; do
+for conv in ${PROFILE_CONV:-auto gemm direct}; do
 	echo "-- MTLZ_CUDA_CONV=$conv"
 	MTLZ_CUDA_CONV=$conv MTLZ_CUDA_PROFILE=1 timeout 60 .devrun/tools/mtlz bench --engine cuda \
-		--batch 1,64,4096 --threads 1 --seconds 1 --no-preprocess 2>&1
+		--batch ${PROFILE_BATCH:-1,64,4096} --threads 1 --seconds 1 --no-preprocess 2>&1
 done | tee "$OUT/profile.log"
 echo "== bench"
 timeout "${BENCH_TIMEOUT:-280}" python3 -u bench/gpu_vs_torch.py --mtlz .devrun/tools/mtlz \
 	--model .devrun/model.safetensors --seconds 1 --compile-budget 100 2>&1 | tee "$OUT/bench.log"
+if [ -n "${TRAIN:-}" ]; then
+	echo "== training step, batch 128: mtlz cuda trainer vs PyTorch on the same GPU"
+	timeout 60 .devrun/tools/mtlz bench --train --engine cuda --batch 128 --threads 4 \
+		--seconds 3 --model .devrun/model.safetensors 2>&1 | grep -v '^#' | tee "$OUT/train.log"
+	timeout 60 python3 bench/torch_train.py --device cuda --batch 128 --seconds 3 \
+		--model .devrun/model.safetensors 2>&1 | tee -a "$OUT/train.log"
+	echo "== mtlz-retrain --engine cuda on a synthetic archive"
+	rm -rf /tmp/synth && timeout 90 .devrun/tools/mtlz synth -n "${SYNTH_N:-6000}" --seed 7 \
+		--threads 16 --per-file 500 --ssp-dir data/emiles-ssp -o /tmp/synth 2>&1 | tail -2
+	timeout 150 .devrun/tools/mtlz-retrain --data /tmp/synth -o /tmp/synth.safetensors \
+		--epochs "${EPOCHS:-3}" --engine cuda --threads 16 2>&1 | tail -8 | tee -a "$OUT/train.log"
+fi
 if [ -n "${E2E:-}" ]; then
 	echo "== daemon end to end through the dev broker (engine cuda)"
 	B=.devrun ENGINE=cuda timeout 200 bench/e2e.sh 4000 16 100 200 2>&1 | tee "$OUT/e2e.log"

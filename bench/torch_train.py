@@ -5,10 +5,13 @@ safetensors file), batch of random spectra with labels as `mtlz bench
 Adam at 1e-3, dropout active.
 
     /usr/bin/python3 bench/torch_train.py --model M.safetensors \
-        [--threads 1,2] [--batch 128] [--seconds 10]
+        [--threads 1,2] [--batch 128] [--seconds 10] [--device cpu|cuda]
+
+With --device cuda the batch lives on the GPU and every step is
+synchronised (cuDNN with PyTorch's default TF32 for convolutions).
 
 Prints one line per thread count:
-    torch train threads=T batch=B: X.X spectra/s, Y.YYY s/step
+    torch train device=D threads=T batch=B: X.X spectra/s, Y.YYYY s/step, Z s per epoch of 60000
 """
 import argparse
 import os
@@ -39,8 +42,12 @@ def main():
     ap.add_argument("--threads", default="1")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
+    dev = torch.device(a.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     model, _ = load_model(a.model)
+    model = model.to(dev)
     model.train()
     L = model.arch["input_length"]
     g = torch.Generator().manual_seed(1)
@@ -48,20 +55,26 @@ def main():
     cls = torch.arange(a.batch) % 4
     sf = cls == 1
     oh = 8.5 + 0.3 * torch.rand(a.batch, generator=g)
-    print(f"torch version={torch.__version__} mkldnn={torch.backends.mkldnn.is_available()}")
+    x, cls, sf, oh = x.to(dev), cls.to(dev), sf.to(dev), oh.to(dev)
+    print(f"torch version={torch.__version__} mkldnn={torch.backends.mkldnn.is_available()} "
+          f"device={a.device}")
     for t in (int(v) for v in a.threads.split(",")):
         torch.set_num_threads(t)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        step(model, opt, x, cls, oh, sf)   # warm-up
+        for _ in range(3):
+            step(model, opt, x, cls, oh, sf)   # warm-up
+        sync()
         n, t0 = 0, time.perf_counter()
         while True:
             step(model, opt, x, cls, oh, sf)
+            sync()
             n += 1
             dt = time.perf_counter() - t0
             if dt >= a.seconds:
                 break
-        print(f"torch train threads={t} batch={a.batch}: {n * a.batch / dt:.1f} spectra/s, "
-              f"{dt / n:.3f} s/step", flush=True)
+        print(f"torch train device={a.device} threads={t} batch={a.batch}: "
+              f"{n * a.batch / dt:.1f} spectra/s, {dt / n:.4f} s/step, "
+              f"{60000 / (n * a.batch / dt):.1f} s per epoch of 60000", flush=True)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ theirs=$(/usr/bin/python3 bench/torch_train.py --model "$model" --threads "$thre
 echo "$theirs"
 echo "# side by side, batch $batch"
 for t in ${threads//,/ }; do
-	a=$(echo "$ours" | sed -n "s/^train threads=$t batch=$batch: \([0-9.]*\) spectra\/s.*/\1/p")
-	b=$(echo "$theirs" | sed -n "s/^torch train threads=$t batch=$batch: \([0-9.]*\) spectra\/s.*/\1/p")
+	a=$(echo "$ours" | sed -n "s/^train engine=cpu threads=$t batch=$batch: \([0-9.]*\) spectra\/s.*/\1/p")
+	b=$(echo "$theirs" | sed -n "s/^torch train device=cpu threads=$t batch=$batch: \([0-9.]*\) spectra\/s.*/\1/p")
 	awk -v t="$t" -v a="$a" -v b="$b" 'BEGIN {
 		printf "threads=%s: mtlz %.1f spectra/s (%.0f s/epoch of 60000), torch %.1f spectra/s (%.0f s/epoch), ratio %.2fx\n",
 			t, a, 60000 / a, b, 60000 / b, a / b }'

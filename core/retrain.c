@@ -386,6 +386,7 @@ static char *manifest(const mtlz_retrain_opts *o, const mtlz_retrain_result *res
 		       o->task == MTLZ_TASK_CLASS ? "class" : o->task == MTLZ_TASK_METAL ? "metal" :
 		       "both", "attention", !o->no_attention, "seed", (json_int_t)o->seed,
 		       "threads", o->threads, "calibrate", !o->no_calibrate);
+	json_object_set_new(hp, "engine", json_string(o->engine ? o->engine : "cpu"));
 	json_object_set_new(j, "data", data);
 	json_object_set_new(j, "split", json_pack("{s:I,s:i,s:i,s:i,s:s}", "seed",
 		(json_int_t)o->seed, "train", (int)res->n_train, "validation", (int)res->n_val,
@@ -535,8 +536,8 @@ int mtlz_retrain_run(const mtlz_retrain_opts *o, mtlz_retrain_result *res, char 
 		}
 	}
 	/* ---- trainer and optimiser ---- */
-	t = mtlz_trainer_new(m, B, o->threads > 0 ? o->threads : (int)sysconf(_SC_NPROCESSORS_ONLN),
-			     errstr, errstr_size);
+	t = mtlz_trainer_new_kind(m, B, o->threads > 0 ? o->threads :
+				  (int)sysconf(_SC_NPROCESSORS_ONLN), o->engine, errstr, errstr_size);
 	if (!t || mtlz_adam_init(&adam, mtlz_trainer_n_params(t), o->lr)) {
 		rc = t ? mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory") :
 			 MTLZ_ERR_NOMEM;

@@ -42,6 +42,7 @@ typedef struct mtlz_retrain_opts {
 	double frac_train, frac_val;/* 0.6, 0.2 */
 	uint64_t seed;              /* 1: split, initialisation, shuffling, dropout */
 	int threads;                /* 0: all cores */
+	const char *engine;         /* "cpu" (default when NULL) or "cuda": who runs the passes */
 	int task;                   /* enum mtlz_task */
 	int no_attention;
 	double dropout;             /* < 0: the architecture's default (0.5) */

@@ -56,8 +56,70 @@ mtlz_trainer *mtlz_trainer_new(const mtlz_model *m, int max_batch, int n_threads
 	return trf_new(m, max_batch, n_threads, errstr, errstr_size);
 }
 
+mtlz_trainer *mtlz_trainer_new_kind(const mtlz_model *m, int max_batch, int n_threads,
+				    const char *kind, char *errstr, size_t errstr_size)
+{
+	mtlz_trainer *t;
+
+	if (!kind || strcmp(kind, "cpu") == 0)
+		return trf_new(m, max_batch, n_threads, errstr, errstr_size);
+	if (strcmp(kind, "cuda") != 0) {
+		mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID, "trainer engine '%s' (cpu or cuda)",
+			 kind);
+		return NULL;
+	}
+#ifdef MTLZ_WITH_CUDA
+	/* the host side keeps only the parameters: batch buffers of 1 */
+	t = trf_new(m, 1, 1, errstr, errstr_size);
+	if (!t)
+		return NULL;
+	t->cuda = mtlz_cuda_trainer_new(m, max_batch, errstr, errstr_size);
+	if (!t->cuda) {
+		trf_free_all(t);
+		return NULL;
+	}
+	return t;
+#else
+	(void)t;
+	mtlz_err(errstr, errstr_size, MTLZ_ERR_UNSUPPORTED,
+		 "trainer engine 'cuda': this build has no CUDA engine (MTLZ_CUDA)");
+	return NULL;
+#endif
+}
+
+const char *mtlz_trainer_describe(const mtlz_trainer *t)
+{
+#ifdef MTLZ_WITH_CUDA
+	if (t->cuda)
+		return mtlz_cuda_trainer_describe(t->cuda);
+#endif
+	return "cpu (OpenBLAS)";
+}
+
+void mtlz_train_dropout_masks(float *mask, int B, int C, int head, float p_drop, uint64_t seed)
+{
+	for (int b = 0; b < B; b++) {
+		if (p_drop > 0)
+			trf_make_mask(mask + (size_t)b * C, C, p_drop, seed, b, head);
+		else
+			for (int c = 0; c < C; c++)
+				mask[(size_t)b * C + c] = 1;
+	}
+}
+
+void mtlz_train_losses(const float *logits, const float *metal, const mtlz_batch *b, int K,
+		       double tgt_scale, const mtlz_loss_opts *o, float *dlog, float *dmet,
+		       mtlz_losses *loss)
+{
+	trf_losses(logits, metal, b, K, tgt_scale, o, dlog, dmet, loss);
+}
+
 void mtlz_trainer_free(mtlz_trainer *t)
 {
+#ifdef MTLZ_WITH_CUDA
+	if (t && t->cuda)
+		mtlz_cuda_trainer_free(t->cuda);
+#endif
 	trf_free_all(t);
 }
 
@@ -107,6 +169,15 @@ int mtlz_trainer_step(mtlz_trainer *t, const mtlz_batch *b, const mtlz_loss_opts
 		      mtlz_losses *loss, float *grad, float *dx, float *logits, float *metal,
 		      char *errstr, size_t errstr_size)
 {
+#ifdef MTLZ_WITH_CUDA
+	if (t->cuda) {
+		if (dx)
+			return mtlz_err(errstr, errstr_size, MTLZ_ERR_UNSUPPORTED,
+					"cuda trainer: no input gradient (dx)");
+		return mtlz_cuda_trainer_step(t->cuda, t->p, b, o, loss, grad, logits, metal,
+					      errstr, errstr_size);
+	}
+#endif
 	return trf_step(t, b->x, NULL, b, o, loss, grad, dx, logits, metal, errstr, errstr_size);
 }
 

@@ -78,6 +78,39 @@ int mtlz_trainer_step(mtlz_trainer *t, const mtlz_batch *b, const mtlz_loss_opts
 		      mtlz_losses *loss, float *grad, float *dx, float *logits, float *metal,
 		      char *errstr, size_t errstr_size);
 
+/* A trainer of the given kind: "cpu" (the above; NULL means cpu) or "cuda"
+ * (gpu/train_cuda.cu: the passes on the GPU with cuBLAS, the parameters and
+ * the optimiser on the host as for the CPU trainer, so mtlz-retrain's loop,
+ * checkpoints and Adam are the same; dx is not available). "cuda" fails
+ * with the reason when the build has no CUDA engine or no device answers. */
+mtlz_trainer *mtlz_trainer_new_kind(const mtlz_model *m, int max_batch, int n_threads,
+				    const char *kind, char *errstr, size_t errstr_size);
+const char *mtlz_trainer_describe(const mtlz_trainer *t);
+
+/* The losses and their gradients w.r.t. the raw head outputs, from the
+ * outputs of a forward pass: logits[n][K], metal[n] in dex; dlog[n][K],
+ * dmet[n] (before the target scale). What every trainer's step computes. */
+void mtlz_train_losses(const float *logits, const float *metal, const mtlz_batch *b, int K,
+		       double tgt_scale, const mtlz_loss_opts *o, float *dlog, float *dmet,
+		       mtlz_losses *loss);
+
+/* The training dropout masks of head `head` for a batch: mask[B][C], 0 or
+ * 1 / (1 - p_drop), keyed by (seed, sample index, head); all 1 when
+ * p_drop is 0. The CPU passes draw exactly these. */
+void mtlz_train_dropout_masks(float *mask, int B, int C, int head, float p_drop, uint64_t seed);
+
+/* The CUDA trainer (gpu/train_cuda.cu, CUDA builds only): step() reads the
+ * packed parameters params[] (host, canonical order), writes grad[] (host). */
+struct mtlz_cuda_trainer;
+struct mtlz_cuda_trainer *mtlz_cuda_trainer_new(const mtlz_model *m, int max_batch,
+						char *errstr, size_t errstr_size);
+int mtlz_cuda_trainer_step(struct mtlz_cuda_trainer *t, const float *params,
+			   const mtlz_batch *b, const mtlz_loss_opts *o, mtlz_losses *loss,
+			   float *grad, float *logits, float *metal, char *errstr,
+			   size_t errstr_size);
+const char *mtlz_cuda_trainer_describe(const struct mtlz_cuda_trainer *t);
+void mtlz_cuda_trainer_free(struct mtlz_cuda_trainer *t);
+
 /* The double-precision twin, for gradient checks. */
 typedef struct mtlz_trainer_d mtlz_trainer_d;
 

@@ -38,6 +38,7 @@ struct TR {
 	REAL *ones;                    /* [map_n / min channels]: bias gradients as GEMV */
 	struct { char name[64]; size_t off, n; } *tens;   /* the packed order */
 	size_t n_tens;
+	void *cuda;                    /* float only: the CUDA trainer doing the steps */
 };
 
 static void FN(free_all)(struct TR *t)
@@ -356,6 +357,74 @@ static void FN(make_mask)(REAL *mask, int C, double p_drop, uint64_t seed, int r
 		mask[c] = mtlz_rng_uniform(&r) < keep ? (REAL)(1.0 / keep) : 0;
 }
 
+/*
+ * The losses of a batch from its outputs (logits[B][K], metal[B] in dex) and
+ * their gradients w.r.t. the raw outputs: dlog[B][K], dmet[B] (the
+ * metallicity head's output before the target scale). Shared by the CPU
+ * passes below and the CUDA trainer (through mtlz_train_losses).
+ */
+static void FN(losses)(const REAL *logits, const REAL *metal, const mtlz_batch *bt, int K,
+		       double tgt_scale, const mtlz_loss_opts *o, REAL *dlog, REAL *dmet,
+		       mtlz_losses *loss)
+{
+	const int B = bt->n;
+	const int use_cls = o->task != MTLZ_TASK_METAL, use_met = o->task != MTLZ_TASK_CLASS;
+	double lc = 0, lm = 0;
+	int n_cls = 0, n_met = 0;
+
+	memset(dlog, 0, (size_t)B * K * sizeof(REAL));
+	memset(dmet, 0, (size_t)B * sizeof(REAL));
+	for (int b = 0; b < B; b++) {
+		if (bt->cls[b] >= 0 && bt->cls[b] < K)
+			n_cls++;
+		if (bt->cls[b] == 1 && isfinite(bt->oh[b]))
+			n_met++;
+	}
+	for (int b = 0; b < B; b++) {
+		const int y = bt->cls[b];
+		const REAL *z = logits + (size_t)b * K;
+		double mx = z[0], s = 0, p[MTLZ_MAX_CLASSES];
+
+		if (y < 0 || y >= K)
+			goto metal;
+		for (int c = 1; c < K; c++)
+			mx = z[c] > mx ? z[c] : mx;
+		for (int c = 0; c < K; c++)
+			s += (p[c] = exp(z[c] - mx));
+		for (int c = 0; c < K; c++)
+			p[c] /= s;
+		{
+			/* FL = -alpha (1 - pt)^gamma log pt; dFL/dz_c = g (delta_cy - p_c)
+			 * with g = -alpha [(1 - pt)^gamma - gamma (1 - pt)^(gamma-1) pt log pt] */
+			const double al = o->focal_alpha, ga = o->focal_gamma;
+			const double pt = p[y], logpt = (z[y] - mx) - log(s), q = 1 - pt;
+			const double fl = -al * pow(q, ga) * logpt;
+			const double gq = ga > 0 && q > 0 ? ga * pow(q, ga - 1) : 0;
+			const double g = -al * (pow(q, ga) - gq * pt * logpt);
+
+			lc += fl;
+			if (use_cls)
+				for (int c = 0; c < K; c++)
+					dlog[(size_t)b * K + c] = (REAL)(o->w_class / n_cls * g *
+									 ((c == y) - p[c]));
+		}
+metal:
+		if (y == 1 && isfinite(bt->oh[b])) {
+			const double r = (double)metal[b] - bt->oh[b];
+
+			lm += fabs(r);
+			if (use_met)
+				dmet[b] = (REAL)(o->w_metal / n_met * (r > 0 ? 1 : r < 0 ? -1 : 0) *
+						 tgt_scale);
+		}
+	}
+	loss->cls = n_cls ? lc / n_cls : 0;
+	loss->metal = n_met ? lm / n_met : 0;
+	loss->n_cls = n_cls;
+	loss->n_metal = n_met;
+	loss->total = (use_cls ? o->w_class * loss->cls : 0) + (use_met ? o->w_metal * loss->metal : 0);
+}
+
 static int FN(step)(struct TR *t, const float *xf, const double *xd, const mtlz_batch *bt,
 		    const mtlz_loss_opts *o, mtlz_losses *loss, REAL *grad, REAL *dx,
 		    REAL *logits_out, REAL *metal_out, char *errstr, size_t errstr_size)
@@ -363,9 +432,6 @@ static int FN(step)(struct TR *t, const float *xf, const double *xd, const mtlz_
 	const mtlz_arch *a = &t->a;
 	const int B = bt->n, K = a->n_classes, C = t->c_last, nb = a->n_blocks;
 	const int Lf = t->len[nb], k = a->kernel, pad = a->padding;
-	const int use_cls = o->task != MTLZ_TASK_METAL, use_met = o->task != MTLZ_TASK_CLASS;
-	double lc = 0, lm = 0;
-	int n_cls = 0, n_met = 0;
 
 	if (B < 1 || B > t->max_batch)
 		return mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID,
@@ -447,62 +513,14 @@ static int FN(step)(struct TR *t, const float *xf, const double *xd, const mtlz_
 				       H->out[i], H->act[i + 1], i < H->n_layers - 1);
 	}
 	/* ---- losses and their gradients w.r.t. the outputs ---- */
-	memset(t->dlog, 0, (size_t)B * K * sizeof(REAL));
-	memset(t->dmet, 0, (size_t)B * sizeof(REAL));
 	for (int b = 0; b < B; b++) {
 		const REAL *z = t->head[0].act[t->head[0].n_layers] + (size_t)b * K;
 		const REAL y = t->head[1].act[t->head[1].n_layers][b];
 
 		t->metal[b] = (REAL)(y * t->tgt_scale + t->tgt_off);
 		memcpy(t->logits + (size_t)b * K, z, (size_t)K * sizeof(REAL));
-		if (bt->cls[b] >= 0 && bt->cls[b] < K)
-			n_cls++;
-		if (bt->cls[b] == 1 && isfinite(bt->oh[b]))
-			n_met++;
 	}
-	for (int b = 0; b < B; b++) {
-		const int y = bt->cls[b];
-		const REAL *z = t->logits + (size_t)b * K;
-		double mx = z[0], s = 0, p[MTLZ_MAX_CLASSES];
-
-		if (y < 0 || y >= K)
-			goto metal;
-		for (int c = 1; c < K; c++)
-			mx = z[c] > mx ? z[c] : mx;
-		for (int c = 0; c < K; c++)
-			s += (p[c] = exp(z[c] - mx));
-		for (int c = 0; c < K; c++)
-			p[c] /= s;
-		{
-			/* FL = -alpha (1 - pt)^gamma log pt; dFL/dz_c = g (delta_cy - p_c)
-			 * with g = -alpha [(1 - pt)^gamma - gamma (1 - pt)^(gamma-1) pt log pt] */
-			const double al = o->focal_alpha, ga = o->focal_gamma;
-			const double pt = p[y], logpt = (z[y] - mx) - log(s), q = 1 - pt;
-			const double fl = -al * pow(q, ga) * logpt;
-			const double gq = ga > 0 && q > 0 ? ga * pow(q, ga - 1) : 0;
-			const double g = -al * (pow(q, ga) - gq * pt * logpt);
-
-			lc += fl;
-			if (use_cls)
-				for (int c = 0; c < K; c++)
-					t->dlog[(size_t)b * K + c] = (REAL)(o->w_class / n_cls * g *
-									   ((c == y) - p[c]));
-		}
-metal:
-		if (y == 1 && isfinite(bt->oh[b])) {
-			const double r = (double)t->metal[b] - bt->oh[b];
-
-			lm += fabs(r);
-			if (use_met)
-				t->dmet[b] = (REAL)(o->w_metal / n_met * (r > 0 ? 1 : r < 0 ? -1 : 0) *
-						    t->tgt_scale);
-		}
-	}
-	loss->cls = n_cls ? lc / n_cls : 0;
-	loss->metal = n_met ? lm / n_met : 0;
-	loss->n_cls = n_cls;
-	loss->n_metal = n_met;
-	loss->total = (use_cls ? o->w_class * loss->cls : 0) + (use_met ? o->w_metal * loss->metal : 0);
+	FN(losses)(t->logits, t->metal, bt, K, t->tgt_scale, o, t->dlog, t->dmet, loss);
 	if (logits_out)
 		memcpy(logits_out, t->logits, (size_t)B * K * sizeof(REAL));
 	if (metal_out)

@@ -518,3 +518,178 @@ Test(cuda, precision_tf32_refused_by_cpu_engine)
 	cr_assert_null(mtlz_engine_new(&o, err, sizeof(err)));
 	cr_assert(strstr(err, "CUDA option"), "%s", err);
 }
+
+/* ---- training ---------------------------------------------------------- */
+
+#include "optim.h"
+#include "train.h"
+
+/* A batch with every class, star-forming ones with metallicities, one
+ * unlabelled spectrum. */
+static void labels(int n, int *cls, float *oh, uint64_t seed)
+{
+	mtlz_rng r;
+
+	mtlz_rng_seed(&r, seed);
+	for (int i = 0; i < n; i++) {
+		cls[i] = i == n - 1 ? -1 : (int)(mtlz_rng_next(&r) % 4);
+		oh[i] = cls[i] == 1 ? (float)(8.3 + 0.4 * mtlz_rng_uniform(&r)) : NAN;
+	}
+	cls[0] = 1;
+	oh[0] = 8.9f;
+}
+
+static double tensor_rel(const float *a, const float *b, size_t n)
+{
+	double d = 0, s = 0;
+
+	for (size_t i = 0; i < n; i++) {
+		d += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+		s += (double)b[i] * b[i];
+	}
+	return sqrt(d / fmax(s, 1e-30));
+}
+
+static void train_parity(mtlz_model *m, int n, double tol_total, double tol_tensor)
+{
+	const int L = mtlz_model_arch(m)->input_length;
+	char err[512];
+	mtlz_trainer *tc = mtlz_trainer_new_kind(m, n, 2, "cpu", err, sizeof(err));
+	mtlz_trainer *tg = mtlz_trainer_new_kind(m, n, 2, "cuda", err, sizeof(err));
+	float *x = malloc((size_t)n * L * sizeof(float)), *oh = malloc(n * sizeof(float));
+	int *cls = malloc(n * sizeof(int));
+	size_t np;
+	float *gc, *gg;
+	mtlz_batch b;
+	mtlz_loss_opts lo;
+	mtlz_losses lc, lg;
+
+	cr_assert_not_null(tc, "%s", err);
+	cr_assert_not_null(tg, "%s", err);
+	np = mtlz_trainer_n_params(tc);
+	gc = malloc(np * sizeof(float));
+	gg = malloc(np * sizeof(float));
+	spectra(x, n, L, 77);
+	labels(n, cls, oh, 78);
+	b.x = x;
+	b.cls = cls;
+	b.oh = oh;
+	b.n = n;
+	mtlz_loss_opts_default(&lo);
+	lo.train = 1;
+	lo.seed = 99;
+	lo.w_class = 1.3;
+	lo.w_metal = 0.7;
+	cr_assert_eq(mtlz_trainer_step(tc, &b, &lo, &lc, gc, NULL, NULL, NULL, err, sizeof(err)),
+		     MTLZ_OK, "%s", err);
+	cr_assert_eq(mtlz_trainer_step(tg, &b, &lo, &lg, gg, NULL, NULL, NULL, err, sizeof(err)),
+		     MTLZ_OK, "%s", err);
+	cr_log_info("losses cpu %.6f/%.6f cuda %.6f/%.6f; grad rel err %.2e", lc.cls, lc.metal,
+		    lg.cls, lg.metal, tensor_rel(gg, gc, np));
+	cr_assert_float_eq(lg.cls, lc.cls, 1e-4 * fabs(lc.cls) + 1e-7);
+	cr_assert_float_eq(lg.metal, lc.metal, 1e-4 * fabs(lc.metal) + 1e-7);
+	cr_assert_leq(tensor_rel(gg, gc, np), tol_total, "gradient rel err %g",
+		      tensor_rel(gg, gc, np));
+	for (size_t i = 0; i < mtlz_model_n_tensors(m); i++) {
+		const mtlz_tensor *t = mtlz_model_tensor(m, i);
+		size_t cnt;
+		long off = mtlz_trainer_param_offset(tc, t->name, &cnt);
+		double e = tensor_rel(gg + off, gc + off, cnt);
+
+		cr_assert_leq(e, tol_tensor, "%s: gradient rel err %g", t->name, e);
+	}
+	mtlz_trainer_free(tc);
+	mtlz_trainer_free(tg);
+	free(x); free(oh); free(cls); free(gc); free(gg);
+}
+
+Test(cuda, train_step_gradients_match_cpu_paper_model, .timeout = 300)
+{
+	mtlz_model *m;
+
+	NEED_GPU();
+	m = paper_model(51);
+	mtlz_model_set_target(m, 8.6, 0.2);
+	train_parity(m, 6, 1e-4, 1e-3);
+	mtlz_model_free(m);
+}
+
+Test(cuda, train_step_gradients_match_cpu_other_shapes)
+{
+	NEED_GPU();
+	for (int v = 0; v < 3; v++) {
+		mtlz_model *m = v == 2 ? pool2_model(53) : odd_model(52 + (uint64_t)v, v);
+
+		train_parity(m, 9, 1e-4, 1e-3);
+		mtlz_model_free(m);
+	}
+}
+
+Test(cuda, training_steps_with_adam_match_cpu, .timeout = 300)
+{
+	const int n = 8, steps = 6;
+	mtlz_model *m;
+	mtlz_trainer *t[2];
+	mtlz_adam ad[2];
+	char err[512];
+	float *x, *oh, *g;
+	int *cls, L;
+	size_t np;
+
+	NEED_GPU();
+	m = pool2_model(61);
+	L = mtlz_model_arch(m)->input_length;
+	t[0] = mtlz_trainer_new_kind(m, n, 2, "cpu", err, sizeof(err));
+	t[1] = mtlz_trainer_new_kind(m, n, 2, "cuda", err, sizeof(err));
+	cr_assert(t[0] && t[1], "%s", err);
+	np = mtlz_trainer_n_params(t[0]);
+	x = malloc((size_t)n * L * sizeof(float));
+	oh = malloc(n * sizeof(float));
+	cls = malloc(n * sizeof(int));
+	g = malloc(np * sizeof(float));
+	for (int k = 0; k < 2; k++)
+		cr_assert_eq(mtlz_adam_init(&ad[k], np, 1e-3), MTLZ_OK);
+	for (int s = 0; s < steps; s++) {
+		mtlz_batch b = { x, cls, oh, n };
+		mtlz_loss_opts lo;
+		mtlz_losses l;
+
+		spectra(x, n, L, 200 + (uint64_t)s);
+		labels(n, cls, oh, 300 + (uint64_t)s);
+		mtlz_loss_opts_default(&lo);
+		lo.train = 1;
+		lo.seed = 400 + (uint64_t)s;
+		for (int k = 0; k < 2; k++) {
+			cr_assert_eq(mtlz_trainer_step(t[k], &b, &lo, &l, g, NULL, NULL, NULL, err,
+						       sizeof(err)), MTLZ_OK, "%s", err);
+			mtlz_adam_step(&ad[k], mtlz_trainer_params(t[k]), g);
+		}
+	}
+	{
+		const double e = tensor_rel(mtlz_trainer_params(t[1]), mtlz_trainer_params(t[0]), np);
+
+		cr_log_info("%d Adam steps: parameter rel diff %.2e", steps, e);
+		cr_assert_leq(e, 1e-3, "parameters after %d steps differ: %g", steps, e);
+	}
+	for (int k = 0; k < 2; k++) {
+		mtlz_adam_free(&ad[k]);
+		mtlz_trainer_free(t[k]);
+	}
+	mtlz_model_free(m);
+	free(x); free(oh); free(cls); free(g);
+}
+
+Test(cuda, cuda_trainer_without_device_says_why)
+{
+	mtlz_model *m;
+	char err[256] = "";
+	mtlz_trainer *t;
+
+	if (have_gpu())
+		cr_skip_test("a CUDA device is present");
+	m = pool2_model(71);
+	t = mtlz_trainer_new_kind(m, 4, 1, "cuda", err, sizeof(err));
+	cr_assert_null(t);
+	cr_assert(strstr(err, "cuda"), "%s", err);
+	mtlz_model_free(m);
+}

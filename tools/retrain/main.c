@@ -52,6 +52,7 @@ static const char usage[] =
 	"      --dwa-temperature X   1.0            --split-train X   0.6\n"
 	"      --split-validation X  0.2 (the rest is the test split)\n"
 	"      --threads T           all cores\n"
+	"      --engine cpu|cuda     cpu; cuda runs the passes on the GPU (docs/cuda.md)\n"
 	"      --task both|class|metal   single-task baselines (paper Sec. 4.2.2)\n"
 	"      --no-attention        the attention ablation (paper Sec. 4.3)\n"
 	"      --dropout P           head dropout of a new model (0.5)\n"
@@ -108,6 +109,12 @@ static int apply(struct cfg *c, const char *key, const char *val)
 		o->task = !strcmp(val, "both") ? MTLZ_TASK_BOTH : !strcmp(val, "class") ?
 			  MTLZ_TASK_CLASS : !strcmp(val, "metal") ? MTLZ_TASK_METAL : -1;
 		return o->task < 0 ? -2 : 0;
+	}
+	if (!strcmp(key, "engine")) {
+		if (strcmp(val, "cpu") && strcmp(val, "cuda"))
+			return -2;
+		o->engine = !strcmp(val, "cuda") ? "cuda" : "cpu";
+		return 0;
 	}
 	if (!strcmp(key, "calibrate")) {
 		if (strcmp(val, "true") && strcmp(val, "false"))
@@ -276,7 +283,7 @@ int main(int argc, char **argv)
 		{ "split-train", required_argument, 0, 1 },
 		{ "split-validation", required_argument, 0, 1 },
 		{ "threads", required_argument, 0, 1 }, { "task", required_argument, 0, 1 },
-		{ "dropout", required_argument, 0, 1 },
+		{ "dropout", required_argument, 0, 1 }, { "engine", required_argument, 0, 1 },
 		{ "help", no_argument, 0, 'h' }, { "version", no_argument, 0, 'V' },
 		{ 0, 0, 0, 0 },
 	};

@@ -1,0 +1,719 @@
+/*
+ * train_cuda.cu - the training passes on the GPU: the same forward and
+ * backward as core/train_impl.h (which is the reference, checked against
+ * finite differences), with cuBLAS for every product and small kernels for
+ * the rest. mtlz_trainer_new_kind(..., "cuda") wraps it (core/train.c): the
+ * parameters and Adam stay on the host, so mtlz-retrain's loop,
+ * checkpoints and resume are unchanged; each step uploads the parameters
+ * (2 MB for the paper's model) and downloads the gradient.
+ *
+ * Layout: channels-last with `pad` zero rows around each spectrum, as in
+ * the inference engine. A convolution's forward is the tap-stacked GEMM +
+ * epilogue of engine_cuda.cu. Its backward:
+ *   dW_j = dY^T X_j   (X_j: the padded input shifted by j rows; one GEMM
+ *                      over the whole batch, because dY is zero outside
+ *                      each spectrum's valid rows)
+ *   db   = column sums of dY (GEMV with ones)
+ *   dX   = gather_j P[row - j][j*Cin + ci] with P = dY W_t, W_t[co][j*Cin+ci]
+ * Gradient maps ("dy layout") hold row t of a convolution's output at row t
+ * of a buffer with the row count of that convolution's padded input.
+ * The losses and their output gradients are computed on the host by the
+ * CPU trainer's own code (mtlz_train_losses), and the dropout masks are the
+ * CPU trainer's (same seed, same sample index), so the two trainers take
+ * the same step.
+ */
+#include "common.cuh"
+#include "kernels.cuh"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern "C" {
+#include "train.h"
+}
+
+#define TPB 256
+#define NL (2 * MTLZ_MAX_BLOCKS)
+
+struct tconv {
+	int cin, cout;
+	size_t ow, ob;
+	float *wc;   /* [cin][k*cout] forward */
+	float *wt;   /* [cout][k*cin] backward */
+};
+
+struct thead {
+	int n_layers, in[MTLZ_MAX_HIDDEN + 1], out[MTLZ_MAX_HIDDEN + 1];
+	size_t ow[MTLZ_MAX_HIDDEN + 1], ob[MTLZ_MAX_HIDDEN + 1];
+	float *act[MTLZ_MAX_HIDDEN + 2]; /* act[0] = dropped-out features */
+};
+
+struct mtlz_cuda_trainer {
+	int dev, Bmax, B, nb, k, pad, pool, C, H, K, L, maxw;
+	char desc[256];
+	cudaStream_t st;
+	cublasHandle_t blas;
+	void *ws;
+	size_t n_p;
+	float *p, *g;
+	double tgt_off, tgt_scale;
+	float dropout;
+	int len[MTLZ_MAX_BLOCKS + 1], l1[MTLZ_MAX_BLOCKS], l2[MTLZ_MAX_BLOCKS];
+	int rp0[MTLZ_MAX_BLOCKS], rp1[MTLZ_MAX_BLOCKS];
+	struct tconv conv[NL];
+	size_t o_aw1, o_ab1, o_aw2, o_ab2;
+	struct thead head[2];
+	float *x, *X[MTLZ_MAX_BLOCKS + 1], *R1[MTLZ_MAX_BLOCKS], *Y2[MTLZ_MAX_BLOCKS];
+	float *z, *dA, *dB, *tmpw, *ones;
+	float *gap, *ah, *as, *feat, *mask, *dfeat, *dg, *dh0, *dh1, *da2, *dha, *dlog, *dmet;
+	float *h_out, *h_dlog, *h_dmet, *h_mask; /* pinned */
+};
+
+/* ---------------------------------------------------------------- kernels */
+
+/* wc[ci][j*cout + co] = wt[co][j*cin + ci] = W[co][ci][j] */
+__global__ void k_repack(const float *__restrict__ W, int cin, int cout, int k,
+			 float *__restrict__ wc, float *__restrict__ wt)
+{
+	const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+
+	if (idx >= cout * cin * k)
+		return;
+	const int j = idx % k, ci = (idx / k) % cin, co = idx / (k * cin);
+	const float v = W[idx];
+
+	wc[(size_t)ci * k * cout + j * cout + co] = v;
+	wt[(size_t)co * k * cin + j * cin + ci] = v;
+}
+
+/* X0[b][pad + t] = x[b][t], zero padding rows (one channel) */
+__global__ void k_pad_input(const float *__restrict__ x, int B, int L, int pad,
+			    float *__restrict__ X0)
+{
+	const int rows = L + 2 * pad;
+	const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+
+	if (idx >= (size_t)B * rows)
+		return;
+	const int r = (int)(idx % rows), b = (int)(idx / rows), t = r - pad;
+
+	X0[idx] = t >= 0 && t < L ? x[(size_t)b * L + t] : 0.0f;
+}
+
+/* P[b][pad + q][c] = max_u Y2[b][pad + q*pool + u][c]; zero padding rows */
+__global__ void k_pool_fwd(const float *__restrict__ Y2, int B, int l2, int lp, int pool,
+			   int C, int pad, float *__restrict__ P)
+{
+	const int rows = lp + 2 * pad, yrows = l2 + 2 * pad;
+	const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+
+	if (idx >= (size_t)B * rows * C)
+		return;
+	const int c = (int)(idx % C), r = (int)((idx / C) % rows), b = (int)(idx / ((size_t)C * rows));
+	const int q = r - pad;
+	float v = 0.0f;
+
+	if (q >= 0 && q < lp) {
+		const float *y = Y2 + ((size_t)b * yrows + pad + (size_t)q * pool) * C + c;
+
+		v = y[0];
+		for (int u = 1; u < pool; u++)
+			v = fmaxf(v, y[(size_t)u * C]);
+	}
+	P[idx] = v;
+}
+
+/* dY2 (rows `rows` per spectrum) from dP (rows dp_rows): the gradient goes to
+ * the first maximum of each window, when the pooled value is > 0 */
+__global__ void k_pool_bwd(const float *__restrict__ dP, int dp_rows,
+			   const float *__restrict__ Y2, int l2, int lp, int pool, int C, int pad,
+			   int B, int rows, float *__restrict__ dY)
+{
+	const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+
+	if (idx >= (size_t)B * rows * C)
+		return;
+	const int c = (int)(idx % C), t = (int)((idx / C) % rows), b = (int)(idx / ((size_t)C * rows));
+	const int q = t / pool;
+	float v = 0.0f;
+
+	if (t < lp * pool) {
+		const float *y = Y2 + ((size_t)b * (l2 + 2 * pad) + pad + (size_t)q * pool) * C + c;
+		int best = 0;
+
+		for (int u = 1; u < pool; u++)
+			if (y[(size_t)u * C] > y[(size_t)best * C])
+				best = u;
+		if (t - q * pool == best && y[(size_t)best * C] > 0.0f)
+			v = dP[((size_t)b * dp_rows + q) * C + c];
+	}
+	dY[idx] = v;
+}
+
+/* out[b][t][c] = [mask[b][pad + t][c] > 0] * sum_j P[b*rp + pad + t - j][j*C + c]
+ * for t < n_out, 0 for n_out <= t < out_rows */
+__global__ void k_gather(const float *__restrict__ P, int B, int rp, int k, int C, int pad,
+			 int n_out, const float *__restrict__ mask, int out_rows,
+			 float *__restrict__ out)
+{
+	const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+
+	if (idx >= (size_t)B * out_rows * C)
+		return;
+	const int c = (int)(idx % C), t = (int)((idx / C) % out_rows),
+		  b = (int)(idx / ((size_t)C * out_rows));
+	float v = 0.0f;
+
+	if (t < n_out && (!mask || mask[((size_t)b * rp + pad + t) * C + c] > 0.0f))
+		for (int j = 0; j < k; j++) {
+			const int r = pad + t - j;
+
+			if (r >= 0 && r < rp)
+				v += P[((size_t)b * rp + r) * k * C + (size_t)j * C + c];
+		}
+	out[idx] = v;
+}
+
+/* grad[ow + (co*cin + ci)*k + j] = T[j][co][ci] */
+__global__ void k_scatter_dw(const float *__restrict__ T, int cin, int cout, int k,
+			     float *__restrict__ g)
+{
+	const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+
+	if (idx >= cout * cin * k)
+		return;
+	const int j = idx % k, ci = (idx / k) % cin, co = idx / (k * cin);
+
+	g[idx] = T[((size_t)j * cout + co) * cin + ci];
+}
+
+/* as = sigmoid(as + b2); feat = gap * as */
+__global__ void k_att_fwd(float *__restrict__ as, const float *__restrict__ b2,
+			  const float *__restrict__ gap, float *__restrict__ feat, int B, int C)
+{
+	const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+
+	if (idx >= B * C)
+		return;
+	const float s = 1.0f / (1.0f + expf(-(as[idx] + b2[idx % C])));
+
+	as[idx] = s;
+	feat[idx] = gap[idx] * s;
+}
+
+/* y = a * b (elementwise), or y += a * b */
+__global__ void k_mul(const float *__restrict__ a, const float *__restrict__ b, int n,
+		      int accumulate, float *__restrict__ y)
+{
+	const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+
+	if (idx < n)
+		y[idx] = (accumulate ? y[idx] : 0.0f) + a[idx] * b[idx];
+}
+
+/* dy = 0 where act <= 0 (ReLU backward) */
+__global__ void k_relu_bwd(float *__restrict__ dy, const float *__restrict__ act, int n)
+{
+	const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+
+	if (idx < n && act[idx] <= 0.0f)
+		dy[idx] = 0.0f;
+}
+
+/* dg = dfeat * as; da2 = dfeat * gap * as * (1 - as) */
+__global__ void k_att_bwd(const float *__restrict__ dfeat, const float *__restrict__ as,
+			  const float *__restrict__ gap, int n, float *__restrict__ dg,
+			  float *__restrict__ da2)
+{
+	const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+
+	if (idx >= n)
+		return;
+	dg[idx] = dfeat[idx] * as[idx];
+	da2[idx] = dfeat[idx] * gap[idx] * as[idx] * (1.0f - as[idx]);
+}
+
+/* dP[b][q][c] = dg[b][c] / Lf for q < Lf; zero rows up to rows */
+__global__ void k_gap_bwd(const float *__restrict__ dg, int B, int Lf, int rows, int C,
+			  float *__restrict__ dP)
+{
+	const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+
+	if (idx >= (size_t)B * rows * C)
+		return;
+	const int c = (int)(idx % C), q = (int)((idx / C) % rows), b = (int)(idx / ((size_t)C * rows));
+
+	dP[idx] = q < Lf ? dg[(size_t)b * C + c] / (float)Lf : 0.0f;
+}
+
+/* ------------------------------------------------------------------ setup */
+
+static const float one = 1.0f, zero = 0.0f;
+
+static long offset_of(const mtlz_model *m, const char *name)
+{
+	size_t off = 0;
+
+	for (size_t i = 0; i < mtlz_model_n_tensors(m); i++) {
+		const mtlz_tensor *t = mtlz_model_tensor(m, i);
+
+		if (strcmp(t->name, name) == 0)
+			return (long)off;
+		off += t->n;
+	}
+	return -1;
+}
+
+#define DALLOC(ptr, count) CU_TRY(cudaMalloc((void **)&(ptr), (size_t)(count) * sizeof(float)))
+
+static int alloc_all(struct mtlz_cuda_trainer *t, char *errstr, size_t errstr_size)
+{
+	const int B = t->B, k = t->k;
+	size_t zmax = 0, dmax = 0, rmax = 0, wmax = 0;
+
+	DALLOC(t->p, t->n_p);
+	DALLOC(t->g, t->n_p);
+	DALLOC(t->x, (size_t)B * t->L);
+	for (int b = 0; b < t->nb; b++) {
+		const int cin = t->conv[2 * b].cin, c = t->conv[2 * b].cout;
+
+		DALLOC(t->X[b], (size_t)B * t->rp0[b] * cin);
+		DALLOC(t->R1[b], (size_t)B * t->rp1[b] * c);
+		DALLOC(t->Y2[b], (size_t)B * (t->l2[b] + 2 * t->pad) * c);
+		zmax = MTLZ_MAX(zmax, (size_t)t->rp0[b] * k * MTLZ_MAX(c, cin));
+		zmax = MTLZ_MAX(zmax, (size_t)t->rp1[b] * k * c);
+		dmax = MTLZ_MAX(dmax, (size_t)MTLZ_MAX(t->rp0[b], t->rp1[b]) * MTLZ_MAX(c, cin));
+		rmax = MTLZ_MAX(rmax, (size_t)MTLZ_MAX(t->rp0[b], t->rp1[b]));
+		wmax = MTLZ_MAX(wmax, (size_t)k * c * cin);
+		for (int j = 0; j < 2; j++) {
+			struct tconv *cv = &t->conv[2 * b + j];
+
+			DALLOC(cv->wc, (size_t)cv->cin * k * cv->cout);
+			DALLOC(cv->wt, (size_t)cv->cin * k * cv->cout);
+		}
+	}
+	DALLOC(t->X[t->nb], (size_t)B * (t->len[t->nb] + 2 * t->pad) * t->C);
+	dmax = MTLZ_MAX(dmax, (size_t)(t->len[t->nb] + 2 * t->pad) * t->C);
+	DALLOC(t->z, (size_t)B * zmax);
+	DALLOC(t->dA, (size_t)B * dmax);
+	DALLOC(t->dB, (size_t)B * dmax);
+	DALLOC(t->tmpw, wmax);
+	DALLOC(t->ones, (size_t)B * rmax);
+	mtlz_cu_fill(t->ones, (size_t)B * rmax, 1.0f, t->st);
+	DALLOC(t->gap, (size_t)B * t->C);
+	DALLOC(t->ah, (size_t)B * (t->H + 1));
+	DALLOC(t->as, (size_t)B * t->C);
+	DALLOC(t->feat, (size_t)B * t->C);
+	DALLOC(t->mask, (size_t)2 * B * t->C);
+	DALLOC(t->dfeat, (size_t)B * t->C);
+	DALLOC(t->dg, (size_t)B * t->C);
+	DALLOC(t->dh0, (size_t)B * t->maxw);
+	DALLOC(t->dh1, (size_t)B * t->maxw);
+	DALLOC(t->da2, (size_t)B * t->C);
+	DALLOC(t->dha, (size_t)B * (t->H + 1));
+	DALLOC(t->dlog, (size_t)B * t->K);
+	DALLOC(t->dmet, B);
+	for (int h = 0; h < 2; h++)
+		for (int i = 0; i <= t->head[h].n_layers; i++)
+			DALLOC(t->head[h].act[i], (size_t)B * (i ? t->head[h].out[i - 1] : t->C));
+	CU_TRY(cudaHostAlloc((void **)&t->h_out, (size_t)B * (t->K + 1) * sizeof(float), 0));
+	/* metal_dex lives at h_out + Bmax*K, dmet at h_dlog + Bmax*K */
+	CU_TRY(cudaHostAlloc((void **)&t->h_dlog, (size_t)B * (t->K + 1) * sizeof(float), 0));
+	CU_TRY(cudaHostAlloc((void **)&t->h_mask, (size_t)2 * B * t->C * sizeof(float), 0));
+	t->h_dmet = t->h_dlog + (size_t)t->Bmax * t->K;
+	return MTLZ_OK;
+}
+
+extern "C" void mtlz_cuda_trainer_free(struct mtlz_cuda_trainer *t)
+{
+	if (!t)
+		return;
+	cudaSetDevice(t->dev);
+	cudaStreamSynchronize(t->st);
+	cudaFree(t->p); cudaFree(t->g); cudaFree(t->x);
+	for (int b = 0; b <= MTLZ_MAX_BLOCKS; b++)
+		cudaFree(t->X[b]);
+	for (int b = 0; b < MTLZ_MAX_BLOCKS; b++) {
+		cudaFree(t->R1[b]);
+		cudaFree(t->Y2[b]);
+	}
+	for (int i = 0; i < NL; i++) {
+		cudaFree(t->conv[i].wc);
+		cudaFree(t->conv[i].wt);
+	}
+	cudaFree(t->z); cudaFree(t->dA); cudaFree(t->dB); cudaFree(t->tmpw); cudaFree(t->ones);
+	cudaFree(t->gap); cudaFree(t->ah); cudaFree(t->as); cudaFree(t->feat); cudaFree(t->mask);
+	cudaFree(t->dfeat); cudaFree(t->dg); cudaFree(t->dh0); cudaFree(t->dh1); cudaFree(t->da2);
+	cudaFree(t->dha); cudaFree(t->dlog); cudaFree(t->dmet);
+	for (int h = 0; h < 2; h++)
+		for (int i = 0; i <= MTLZ_MAX_HIDDEN + 1; i++)
+			cudaFree(t->head[h].act[i]);
+	cudaFreeHost(t->h_out); cudaFreeHost(t->h_dlog); cudaFreeHost(t->h_mask);
+	if (t->blas)
+		cublasDestroy(t->blas);
+	cudaFree(t->ws);
+	if (t->st)
+		cudaStreamDestroy(t->st);
+	free(t);
+}
+
+extern "C" struct mtlz_cuda_trainer *mtlz_cuda_trainer_new(const mtlz_model *m, int max_batch,
+							   char *errstr, size_t errstr_size)
+{
+	const mtlz_arch *a = mtlz_model_arch(m);
+	struct mtlz_cuda_trainer *t;
+	cudaDeviceProp prop;
+	char name[64];
+	int count = 0, cin = 1;
+	const char *env = getenv("MTLZ_CUDA_DEVICE");
+
+	if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+		cudaGetLastError();
+		mtlz_err(errstr, errstr_size, MTLZ_ERR_UNSUPPORTED,
+			 "cuda trainer: no usable CUDA device");
+		return NULL;
+	}
+	t = (struct mtlz_cuda_trainer *)calloc(1, sizeof(*t));
+	if (!t) {
+		mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory");
+		return NULL;
+	}
+	t->dev = env ? atoi(env) : 0;
+	if (t->dev < 0 || t->dev >= count) {
+		mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID,
+			 "cuda trainer: device %d requested, this machine has %d", t->dev, count);
+		free(t);
+		return NULL;
+	}
+	if (a->kernel != 2 * a->padding + 1) {
+		mtlz_err(errstr, errstr_size, MTLZ_ERR_UNSUPPORTED,
+			 "cuda trainer: only 'same' convolutions (kernel = 2 padding + 1)");
+		free(t);
+		return NULL;
+	}
+	t->B = t->Bmax = max_batch;
+	t->nb = a->n_blocks;
+	t->k = a->kernel;
+	t->pad = a->padding;
+	t->pool = a->pool;
+	t->K = a->n_classes;
+	t->L = a->input_length;
+	t->dropout = a->dropout;
+	t->n_p = mtlz_model_n_params(m);
+	mtlz_model_target(m, &t->tgt_off, &t->tgt_scale);
+	t->len[0] = a->input_length;
+	for (int b = 0; b < a->n_blocks; b++) {
+		const int c = a->channels[b];
+
+		t->l1[b] = t->len[b] + 2 * t->pad - t->k + 1;
+		t->l2[b] = t->l1[b] + 2 * t->pad - t->k + 1;
+		t->len[b + 1] = (t->l2[b] - t->pool) / t->pool + 1;
+		t->rp0[b] = t->len[b] + 2 * t->pad;
+		t->rp1[b] = t->l1[b] + 2 * t->pad;
+		for (int j = 0; j < 2; j++) {
+			struct tconv *cv = &t->conv[2 * b + j];
+
+			cv->cin = j ? c : cin;
+			cv->cout = c;
+			snprintf(name, sizeof(name), "backbone.blocks.%d.conv%d.weight", b, j + 1);
+			cv->ow = (size_t)offset_of(m, name);
+			snprintf(name, sizeof(name), "backbone.blocks.%d.conv%d.bias", b, j + 1);
+			cv->ob = (size_t)offset_of(m, name);
+		}
+		cin = c;
+	}
+	t->C = cin;
+	t->H = a->attention_reduction ? cin / a->attention_reduction : 0;
+	if (t->H) {
+		t->o_aw1 = (size_t)offset_of(m, "attention.squeeze.weight");
+		t->o_ab1 = (size_t)offset_of(m, "attention.squeeze.bias");
+		t->o_aw2 = (size_t)offset_of(m, "attention.excite.weight");
+		t->o_ab2 = (size_t)offset_of(m, "attention.excite.bias");
+	}
+	t->maxw = cin;
+	for (int h = 0; h < 2; h++) {
+		struct thead *H = &t->head[h];
+		int in = cin;
+
+		H->n_layers = a->n_hidden + 1;
+		for (int i = 0; i < H->n_layers; i++) {
+			H->in[i] = in;
+			H->out[i] = i < a->n_hidden ? a->hidden[i] : (h ? 1 : a->n_classes);
+			snprintf(name, sizeof(name), "heads.%s.fc%d.weight", h ? "metal" : "class", i + 1);
+			H->ow[i] = (size_t)offset_of(m, name);
+			snprintf(name, sizeof(name), "heads.%s.fc%d.bias", h ? "metal" : "class", i + 1);
+			H->ob[i] = (size_t)offset_of(m, name);
+			t->maxw = MTLZ_MAX(t->maxw, H->out[i]);
+			in = H->out[i];
+		}
+	}
+	if (cudaSetDevice(t->dev) != cudaSuccess || cudaGetDeviceProperties(&prop, t->dev) != cudaSuccess ||
+	    cudaStreamCreateWithFlags(&t->st, cudaStreamNonBlocking) != cudaSuccess ||
+	    cudaMalloc(&t->ws, 32u << 20) != cudaSuccess ||
+	    cublasCreate(&t->blas) != CUBLAS_STATUS_SUCCESS ||
+	    cublasSetStream(t->blas, t->st) != CUBLAS_STATUS_SUCCESS ||
+	    cublasSetWorkspace(t->blas, t->ws, 32u << 20) != CUBLAS_STATUS_SUCCESS ||
+	    cublasSetMathMode(t->blas, CUBLAS_PEDANTIC_MATH) != CUBLAS_STATUS_SUCCESS) {
+		mtlz_err(errstr, errstr_size, MTLZ_ERR_IO, "cuda trainer: device %d: %s", t->dev,
+			 cudaGetErrorString(cudaGetLastError()));
+		mtlz_cuda_trainer_free(t);
+		return NULL;
+	}
+	if (alloc_all(t, errstr, errstr_size)) {
+		mtlz_cuda_trainer_free(t);
+		cudaGetLastError();
+		return NULL;
+	}
+	snprintf(t->desc, sizeof(t->desc), "cuda device=%d %.64s (sm_%d%d) batch<=%d fp32", t->dev,
+		 prop.name, prop.major, prop.minor, max_batch);
+	return t;
+}
+
+extern "C" const char *mtlz_cuda_trainer_describe(const struct mtlz_cuda_trainer *t)
+{
+	return t->desc;
+}
+
+/* ------------------------------------------------------------------ step */
+
+#define GRID(n) mtlz_blocks((size_t)(n), TPB), TPB, 0, t->st
+
+/* rows x in -> rows x out, Y = X W^T (+ bias, ReLU unless last) */
+static int linear(struct mtlz_cuda_trainer *t, const float *X, int rows, int in, size_t ow,
+		  size_t ob, int out, float *Y, int relu, char *errstr, size_t errstr_size)
+{
+	BLAS_TRY(cublasSgemm(t->blas, CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, &one, t->p + ow, in,
+			     X, in, &zero, Y, out));
+	mtlz_cu_bias_act(Y, (size_t)rows, out, t->p + ob, relu, t->st);
+	LAUNCH_TRY("bias_act");
+	return MTLZ_OK;
+}
+
+/* dW += dY^T X, db += colsum dY, dX = dY W (dX may be NULL) */
+static int linear_bwd(struct mtlz_cuda_trainer *t, const float *X, const float *dY, int rows,
+		      int in, size_t ow, size_t ob, int out, float *dX, char *errstr,
+		      size_t errstr_size)
+{
+	BLAS_TRY(cublasSgemm(t->blas, CUBLAS_OP_N, CUBLAS_OP_T, in, out, rows, &one, X, in, dY,
+			     out, &one, t->g + ow, in));
+	BLAS_TRY(cublasSgemv(t->blas, CUBLAS_OP_N, out, rows, &one, dY, out, t->ones, 1, &one,
+			     t->g + ob, 1));
+	if (dX)
+		BLAS_TRY(cublasSgemm(t->blas, CUBLAS_OP_N, CUBLAS_OP_N, in, rows, out, &one,
+				     t->p + ow, in, dY, out, &zero, dX, in));
+	return MTLZ_OK;
+}
+
+/* conv forward: X [B][rows_in][cin] padded -> relu(conv) padded [B][lout + 2 pad][cout] */
+static int conv_fwd(struct mtlz_cuda_trainer *t, const struct tconv *cv, const float *X,
+		    int rows_in, int lout, float *Y, char *errstr, size_t errstr_size)
+{
+	const int N = t->k * cv->cout;
+
+	BLAS_TRY(cublasSgemm(t->blas, CUBLAS_OP_N, CUBLAS_OP_N, N, t->B * rows_in, cv->cin, &one,
+			     cv->wc, N, X, cv->cin, &zero, t->z, N));
+	mtlz_cu_conv_epilogue(t->z, t->B, rows_in, lout, cv->cout, t->k, t->p + cv->ob, t->pad,
+			      Y, t->st);
+	LAUNCH_TRY("conv_epilogue");
+	return MTLZ_OK;
+}
+
+/* conv backward: X [B][rows][cin] padded input, dY [B][rows][cout] (dy
+ * layout): dW, db; when dX: P = dY W_t, then dX[b][t] (t < n_out, dy layout
+ * of `rows` rows) gathered, masked by mask (padded like X) when not NULL */
+static int conv_bwd(struct mtlz_cuda_trainer *t, const struct tconv *cv, const float *X,
+		    const float *dY, int rows, float *dX, int n_out, const float *mask,
+		    char *errstr, size_t errstr_size)
+{
+	const int k = t->k, M = t->B * rows - (k - 1);
+	const size_t nw = (size_t)cv->cout * cv->cin;
+
+	for (int j = 0; j < k; j++)
+		BLAS_TRY(cublasSgemm(t->blas, CUBLAS_OP_N, CUBLAS_OP_T, cv->cin, cv->cout, M, &one,
+				     X + (size_t)j * cv->cin, cv->cin, dY, cv->cout, &zero,
+				     t->tmpw + j * nw, cv->cin));
+	k_scatter_dw<<<GRID(nw * k)>>>(t->tmpw, cv->cin, cv->cout, k, t->g + cv->ow);
+	LAUNCH_TRY("scatter_dw");
+	BLAS_TRY(cublasSgemv(t->blas, CUBLAS_OP_N, cv->cout, t->B * rows, &one, dY, cv->cout,
+			     t->ones, 1, &zero, t->g + cv->ob, 1));
+	if (!dX)
+		return MTLZ_OK;
+	BLAS_TRY(cublasSgemm(t->blas, CUBLAS_OP_N, CUBLAS_OP_N, k * cv->cin, t->B * rows, cv->cout,
+			     &one, cv->wt, k * cv->cin, dY, cv->cout, &zero, t->z, k * cv->cin));
+	k_gather<<<GRID((size_t)t->B * rows * cv->cin)>>>(t->z, t->B, rows, k, cv->cin, t->pad,
+							   n_out, mask, rows, dX);
+	LAUNCH_TRY("gather");
+	return MTLZ_OK;
+}
+
+extern "C" int mtlz_cuda_trainer_step(struct mtlz_cuda_trainer *t, const float *params,
+				      const mtlz_batch *bt, const mtlz_loss_opts *o,
+				      mtlz_losses *loss, float *grad, float *logits_out,
+				      float *metal_out, char *errstr, size_t errstr_size)
+{
+	const int B = bt->n, C = t->C, K = t->K, nb = t->nb, pad = t->pad;
+	float *metal_dex = t->h_out + (size_t)t->Bmax * K;
+	float *dP = t->dA, *dY = t->dB, *tmp;
+	int rc = MTLZ_OK, dp_rows;
+
+	if (B < 1 || B > t->Bmax)
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID, "batch of %d (1..%d)", B,
+				t->Bmax);
+	t->B = B; /* the helpers below size their work by t->B */
+	{
+		CU_TRY(cudaSetDevice(t->dev));
+		/* ---- parameters, input, masks ---- */
+		CU_TRY(cudaMemcpyAsync(t->p, params, t->n_p * sizeof(float), cudaMemcpyHostToDevice,
+				       t->st));
+		for (int i = 0; i < 2 * nb; i++) {
+			const struct tconv *cv = &t->conv[i];
+
+			k_repack<<<GRID(cv->cout * cv->cin * t->k)>>>(t->p + cv->ow, cv->cin, cv->cout,
+								       t->k, cv->wc, cv->wt);
+		}
+		LAUNCH_TRY("repack");
+		CU_TRY(cudaMemcpyAsync(t->x, bt->x, (size_t)B * t->L * sizeof(float),
+				       cudaMemcpyHostToDevice, t->st));
+		k_pad_input<<<GRID((size_t)B * t->rp0[0])>>>(t->x, B, t->L, pad, t->X[0]);
+		LAUNCH_TRY("pad_input");
+		for (int h = 0; h < 2; h++)
+			mtlz_train_dropout_masks(t->h_mask + (size_t)h * B * C, B, C, h,
+						 o->train ? t->dropout : 0.0f, o->seed);
+		CU_TRY(cudaMemcpyAsync(t->mask, t->h_mask, (size_t)2 * B * C * sizeof(float),
+				       cudaMemcpyHostToDevice, t->st));
+		/* ---- forward ---- */
+		for (int b = 0; b < nb; b++) {
+			const struct tconv *c1 = &t->conv[2 * b], *c2 = &t->conv[2 * b + 1];
+
+			if (c1->cin == 1) {
+				mtlz_cu_conv_first(t->x, B, t->L, t->p + c1->ow, t->p + c1->ob, c1->cout,
+						   t->k, pad, t->R1[b], t->st);
+				LAUNCH_TRY("conv_first");
+			} else if ((rc = conv_fwd(t, c1, t->X[b], t->rp0[b], t->l1[b], t->R1[b],
+						  errstr, errstr_size))) {
+				goto out;
+			}
+			if ((rc = conv_fwd(t, c2, t->R1[b], t->rp1[b], t->l2[b], t->Y2[b], errstr,
+					   errstr_size)))
+				goto out;
+			k_pool_fwd<<<GRID((size_t)B * (t->len[b + 1] + 2 * pad) * c2->cout)>>>(
+				t->Y2[b], B, t->l2[b], t->len[b + 1], t->pool, c2->cout, pad, t->X[b + 1]);
+			LAUNCH_TRY("pool_fwd");
+		}
+		mtlz_cu_gap(t->X[nb], B, t->len[nb], C, pad, t->gap, t->st);
+		LAUNCH_TRY("gap");
+		if (t->H) {
+			if ((rc = linear(t, t->gap, B, C, t->o_aw1, t->o_ab1, t->H, t->ah, 1, errstr,
+					 errstr_size)))
+				goto out;
+			BLAS_TRY(cublasSgemm(t->blas, CUBLAS_OP_T, CUBLAS_OP_N, C, B, t->H, &one,
+					     t->p + t->o_aw2, t->H, t->ah, t->H, &zero, t->as, C));
+			k_att_fwd<<<GRID(B * C)>>>(t->as, t->p + t->o_ab2, t->gap, t->feat, B, C);
+			LAUNCH_TRY("att_fwd");
+		} else {
+			CU_TRY(cudaMemcpyAsync(t->feat, t->gap, (size_t)B * C * sizeof(float),
+					       cudaMemcpyDeviceToDevice, t->st));
+		}
+		for (int h = 0; h < 2; h++) {
+			struct thead *H = &t->head[h];
+
+			k_mul<<<GRID(B * C)>>>(t->feat, t->mask + (size_t)h * B * C, B * C, 0, H->act[0]);
+			LAUNCH_TRY("mul");
+			for (int i = 0; i < H->n_layers; i++)
+				if ((rc = linear(t, H->act[i], B, H->in[i], H->ow[i], H->ob[i], H->out[i],
+						 H->act[i + 1], i < H->n_layers - 1, errstr, errstr_size)))
+					goto out;
+		}
+		CU_TRY(cudaMemcpyAsync(t->h_out, t->head[0].act[t->head[0].n_layers],
+				       (size_t)B * K * sizeof(float), cudaMemcpyDeviceToHost, t->st));
+		CU_TRY(cudaMemcpyAsync(metal_dex, t->head[1].act[t->head[1].n_layers],
+				       (size_t)B * sizeof(float), cudaMemcpyDeviceToHost, t->st));
+		CU_TRY(cudaStreamSynchronize(t->st));
+		/* ---- losses (host, the CPU trainer's code) ---- */
+		for (int b = 0; b < B; b++)
+			metal_dex[b] = (float)(metal_dex[b] * t->tgt_scale + t->tgt_off);
+		mtlz_train_losses(t->h_out, metal_dex, bt, K, t->tgt_scale, o, t->h_dlog, t->h_dmet,
+				  loss);
+		if (logits_out)
+			memcpy(logits_out, t->h_out, (size_t)B * K * sizeof(float));
+		if (metal_out)
+			memcpy(metal_out, metal_dex, (size_t)B * sizeof(float));
+		rc = MTLZ_OK;
+		if (!grad)
+			goto out;
+		/* ---- backward ---- */
+		CU_TRY(cudaMemcpyAsync(t->dlog, t->h_dlog, (size_t)B * K * sizeof(float),
+				       cudaMemcpyHostToDevice, t->st));
+		CU_TRY(cudaMemcpyAsync(t->dmet, t->h_dmet, (size_t)B * sizeof(float),
+				       cudaMemcpyHostToDevice, t->st));
+		CU_TRY(cudaMemsetAsync(t->g, 0, t->n_p * sizeof(float), t->st));
+		for (int h = 0; h < 2; h++) {
+			struct thead *H = &t->head[h];
+			float *dy = t->dh0, *dx = t->dh1, *tmp;
+
+			CU_TRY(cudaMemcpyAsync(dy, h ? t->dmet : t->dlog,
+					       (size_t)B * H->out[H->n_layers - 1] * sizeof(float),
+					       cudaMemcpyDeviceToDevice, t->st));
+			for (int i = H->n_layers - 1; i >= 0; i--) {
+				if (i < H->n_layers - 1) {
+					k_relu_bwd<<<GRID(B * H->out[i])>>>(dy, H->act[i + 1], B * H->out[i]);
+					LAUNCH_TRY("relu_bwd");
+				}
+				if ((rc = linear_bwd(t, H->act[i], dy, B, H->in[i], H->ow[i], H->ob[i],
+						     H->out[i], dx, errstr, errstr_size)))
+					goto out;
+				tmp = dy; dy = dx; dx = tmp;
+			}
+			k_mul<<<GRID(B * C)>>>(dy, t->mask + (size_t)h * B * C, B * C, h, t->dfeat);
+			LAUNCH_TRY("mul");
+		}
+		if (t->H) {
+			k_att_bwd<<<GRID(B * C)>>>(t->dfeat, t->as, t->gap, B * C, t->dg, t->da2);
+			LAUNCH_TRY("att_bwd");
+			if ((rc = linear_bwd(t, t->ah, t->da2, B, t->H, t->o_aw2, t->o_ab2, C, t->dha,
+					     errstr, errstr_size)))
+				goto out;
+			k_relu_bwd<<<GRID(B * t->H)>>>(t->dha, t->ah, B * t->H);
+			LAUNCH_TRY("relu_bwd");
+			if ((rc = linear_bwd(t, t->gap, t->dha, B, C, t->o_aw1, t->o_ab1, t->H, NULL,
+					     errstr, errstr_size)))
+				goto out;
+			/* dg += dh W1 */
+			BLAS_TRY(cublasSgemm(t->blas, CUBLAS_OP_N, CUBLAS_OP_N, C, B, t->H, &one,
+					     t->p + t->o_aw1, C, t->dha, t->H, &one, t->dg, C));
+		} else {
+			CU_TRY(cudaMemcpyAsync(t->dg, t->dfeat, (size_t)B * C * sizeof(float),
+					       cudaMemcpyDeviceToDevice, t->st));
+		}
+		{
+			dp_rows = t->len[nb] + 2 * pad;
+			k_gap_bwd<<<GRID((size_t)B * dp_rows * C)>>>(t->dg, B, t->len[nb], dp_rows, C, dP);
+			LAUNCH_TRY("gap_bwd");
+			for (int b = nb - 1; b >= 0; b--) {
+				const struct tconv *c1 = &t->conv[2 * b], *c2 = &t->conv[2 * b + 1];
+				const int c = c2->cout;
+
+				k_pool_bwd<<<GRID((size_t)B * t->rp1[b] * c)>>>(dP, dp_rows, t->Y2[b],
+					t->l2[b], t->len[b + 1], t->pool, c, pad, B, t->rp1[b], dY);
+				LAUNCH_TRY("pool_bwd");
+				/* conv2: input R1; its dX is conv1's output gradient (ReLU mask R1) */
+				if ((rc = conv_bwd(t, c2, t->R1[b], dY, t->rp1[b], dP, t->l1[b], t->R1[b],
+						   errstr, errstr_size)))
+					goto out;
+				tmp = dP; dP = dY; dY = tmp;   /* dY: conv1's output gradient */
+				/* conv1: input X[b]; its dX is the previous block's pooled gradient */
+				if ((rc = conv_bwd(t, c1, t->X[b], dY, t->rp0[b], b ? dP : NULL,
+						   t->len[b], NULL, errstr, errstr_size)))
+					goto out;
+				dp_rows = t->rp0[b];
+			}
+		}
+		CU_TRY(cudaMemcpyAsync(grad, t->g, t->n_p * sizeof(float), cudaMemcpyDeviceToHost,
+				       t->st));
+		CU_TRY(cudaStreamSynchronize(t->st));
+	}
+out:
+	return rc;
+}
