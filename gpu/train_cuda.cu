@@ -286,7 +286,7 @@ static int alloc_all(struct mtlz_cuda_trainer *t, char *errstr, size_t errstr_si
 		zmax = MTLZ_MAX(zmax, (size_t)t->rp1[b] * k * c);
 		dmax = MTLZ_MAX(dmax, (size_t)MTLZ_MAX(t->rp0[b], t->rp1[b]) * MTLZ_MAX(c, cin));
 		rmax = MTLZ_MAX(rmax, (size_t)MTLZ_MAX(t->rp0[b], t->rp1[b]));
-		wmax = MTLZ_MAX(wmax, (size_t)k * c * cin);
+		wmax = MTLZ_MAX(wmax, (size_t)k * c * MTLZ_MAX(c, cin)); /* conv2: c x c */
 		for (int j = 0; j < 2; j++) {
 			struct tconv *cv = &t->conv[2 * b + j];
 

@@ -27,6 +27,8 @@ static char err[512];
  * attention, 2 hidden head layers, input length 40. (With fewer channels
  * most ReLUs of a random model are dead and the checks become vacuous;
  * check_params asserts that every tensor gets some gradient.) */
+static int tiny_kernel = 3; /* convolution taps of tiny_model ('same' padding) */
+
 static mtlz_model *tiny_model(int attention, uint64_t seed)
 {
 	mtlz_arch a;
@@ -39,6 +41,8 @@ static mtlz_model *tiny_model(int attention, uint64_t seed)
 	a.channels[0] = 4;
 	a.channels[1] = 8;
 	a.pool = 2;
+	a.kernel = tiny_kernel;
+	a.padding = (tiny_kernel - 1) / 2;
 	a.attention_reduction = attention ? 2 : 0;
 	a.n_hidden = 2;
 	a.hidden[0] = 6;
@@ -46,6 +50,8 @@ static mtlz_model *tiny_model(int attention, uint64_t seed)
 	a.dropout = 0.3f;
 	m = mtlz_model_new_random(&a, &g, seed, err, sizeof(err));
 	cr_assert_not_null(m, "%s", err);
+	if (tiny_kernel != 3)
+		mtlz_model_init_he(m, seed); /* live ReLUs at this size */
 	/* metallicity = y * 0.5 + 8.5: the target scale must enter the gradient */
 	mtlz_model_set_target(m, 8.5, 0.5);
 	return m;
@@ -164,6 +170,13 @@ Test(train, gradient_of_every_parameter_matches_finite_differences)
 Test(train, gradient_without_attention_matches_finite_differences)
 {
 	check_params("no attention", 0, MTLZ_TASK_BOTH);
+}
+
+Test(train, gradient_with_five_tap_kernels_matches_finite_differences)
+{
+	tiny_kernel = 5;
+	check_params("kernel 5, padding 2", 0, MTLZ_TASK_BOTH);
+	tiny_kernel = 3;
 }
 
 Test(train, gradient_of_single_task_losses_matches_finite_differences)
