@@ -29,7 +29,7 @@ timeout "${BENCH_TIMEOUT:-280}" python3 -u bench/gpu_vs_torch.py --mtlz .devrun/
 	--model .devrun/model.safetensors --seconds 1 --compile-budget 100 2>&1 | tee "$OUT/bench.log"
 if [ -n "${TRAIN:-}" ]; then
 	echo "== training step, batch 128: mtlz cuda trainer vs PyTorch on the same GPU"
-	timeout 60 .devrun/tools/mtlz bench --train --engine cuda --batch 128 --threads 4 \
+	MTLZ_CUDA_PROFILE=1 timeout 60 .devrun/tools/mtlz bench --train --engine cuda --batch 128 --threads 4 \
 		--seconds 3 --model .devrun/model.safetensors 2>&1 | grep -v '^#' | tee "$OUT/train.log"
 	timeout 60 python3 bench/torch_train.py --device cuda --batch 128 --seconds 3 \
 		--model .devrun/model.safetensors 2>&1 | tee -a "$OUT/train.log"
