@@ -18,6 +18,14 @@ echo "rc=$?"
 grep -E "^\[(PASS|FAIL|SKIP)|Synthesis|rel err|cannot reserve|Assert|\[ERR" "$OUT/test_cuda.log" | cut -c1-300
 echo "== test_engine"
 timeout 60 .devrun/tests/test_engine --jobs 4 2>&1 | tail -1
+if [ -n "${SANITIZE:-}" ]; then
+	echo "== compute-sanitizer memcheck: the CUDA tests on the small shapes"
+	timeout 120 compute-sanitizer --tool memcheck --error-exitcode 3 .devrun/tests/test_cuda \
+		--jobs 1 --filter "${SANITIZE_FILTER:-cuda/*other_shapes}" >"$OUT/sanitizer.log" 2>&1
+	echo "rc=$?"
+	tail -5 "$OUT/sanitizer.log"
+fi
+[ -n "${SKIP_BENCH:-}" ] || {
 echo "== profile (events between stages, no graphs)"
 for conv in ${PROFILE_CONV:-auto gemm direct}; do
 	echo "-- MTLZ_CUDA_CONV=$conv"
@@ -27,6 +35,7 @@ done | tee "$OUT/profile.log"
 echo "== bench"
 timeout "${BENCH_TIMEOUT:-280}" python3 -u bench/gpu_vs_torch.py --mtlz .devrun/tools/mtlz \
 	--model .devrun/model.safetensors --seconds 1 --compile-budget 100 2>&1 | tee "$OUT/bench.log"
+}
 if [ -n "${TRAIN:-}" ]; then
 	echo "== training step, batch 128: mtlz cuda trainer vs PyTorch on the same GPU"
 	MTLZ_CUDA_PROFILE=1 timeout 60 .devrun/tools/mtlz bench --train --engine cuda --batch 128 --threads 4 \
@@ -38,6 +47,16 @@ if [ -n "${TRAIN:-}" ]; then
 		--threads 16 --per-file 500 --ssp-dir data/emiles-ssp -o /tmp/synth 2>&1 | tail -2
 	timeout 150 .devrun/tools/mtlz-retrain --data /tmp/synth -o /tmp/synth.safetensors \
 		--epochs "${EPOCHS:-3}" --engine cuda --threads 16 2>&1 | tail -8 | tee -a "$OUT/train.log"
+fi
+if [ -n "${PRETRAIN:-}" ]; then
+	echo "== pretraining on ${PRETRAIN_N:-60000} synthetic spectra with the CUDA trainer"
+	rm -rf /tmp/pre && timeout 120 .devrun/tools/mtlz synth -n "${PRETRAIN_N:-60000}" --seed 11 \
+		--threads 16 --per-file 2000 --ssp-dir data/emiles-ssp -o /tmp/pre 2>&1 | tail -2
+	s0=$SECONDS
+	timeout "${PRETRAIN_TIMEOUT:-170}" .devrun/tools/mtlz-retrain --data /tmp/pre \
+		-o "$OUT/synth-gpu.safetensors" --epochs "${PRETRAIN_EPOCHS:-40}" --engine cuda \
+		--threads 16 --seed 1 2>&1 | tail -14 | tee "$OUT/pretrain.log"
+	echo "mtlz-retrain wall $((SECONDS - s0)) s" | tee -a "$OUT/pretrain.log"
 fi
 if [ -n "${E2E:-}" ]; then
 	echo "== daemon end to end through the dev broker (engine cuda)"
