@@ -89,7 +89,8 @@ static const char *const input_framings[] = {
 	"auto", "confluent", "single_object", "container", NULL };
 static const char *const output_framings[] = {
 	"single_object", "confluent", "container", NULL };
-static const char *const engine_kinds[] = { "cpu", "cuda", NULL };
+static const char *const engine_kinds[] = { "cpu", "cuda", "auto", NULL };
+static const char *const precisions[] = { "fp32", "tf32", NULL };
 static const char *const guarantees[] = { "at_least_once", "exactly_once", NULL };
 static const char *const log_levels[] = { "debug", "info", "warn", "error", NULL };
 
@@ -141,21 +142,23 @@ static const conf_setting settings[] = {
 		"version string carried into results; \"\" = taken from the model file"),
 
 	ENUM_CONF("engine.kind", engine_kind, "cpu", engine_kinds,
-		"inference backend"),
+		"inference backend; auto = the GPU when one is usable, else the CPU"),
 	INT_CONF("engine.threads", engine_threads, 0, 0, 1024,
 		"inference worker threads; 0 = one per online CPU"),
 	INT_CONF("engine.mc_samples", engine_mc_samples, 100, 0, 10000,
 		"MC-dropout passes per spectrum for the metallicity uncertainty; 0 = none"),
 	INT64_CONF("engine.seed", engine_seed, 42, 0, LLONG_MAX,
 		"MC-dropout seed"),
+	ENUM_CONF("engine.precision", engine_precision, "fp32", precisions,
+		"GEMM precision; tf32 = tensor cores (CUDA only)"),
 
 	INT_CONF("batch.max_size", batch_max_size, 64, 1, 4096,
 		"most spectra per inference micro-batch"),
 	INT_CONF("batch.max_delay_ms", batch_max_delay_ms, 50, 0, 60000,
 		"longest a partial micro-batch waits for more spectra, ms"),
 
-	INT_CONF("preprocess.threads", preprocess_threads, 1, 1, 64,
-		"decode and preprocessing threads"),
+	INT_CONF("preprocess.threads", preprocess_threads, 0, 0, 64,
+		"decode and preprocessing worker threads; 0 = min(4, online CPUs)"),
 	STRING_CONF("preprocess.mask_bits", preprocess_mask_bits, "", check_mask_bits,
 		"and_mask bits that also make a pixel bad: a number or SPPIXMASK names; \"\" = none"),
 
@@ -958,6 +961,10 @@ int mtlz_conf_validate(const mtlz_conf *c, char *errstr, size_t errstr_size)
 							kv[j].key,
 							owned_properties[k].setting);
 	}
+	if (strcmp(c->engine_precision, "fp32") != 0 && strcmp(c->engine_kind, "cpu") == 0)
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID,
+				"engine.precision = %s needs engine.kind cuda or auto "
+				"(the CPU engine is fp32)", c->engine_precision);
 	/* delivery.transactional_id may stay "" with exactly_once: mtlzd then
 	 * derives one (see etc/mtlzd.yaml). */
 	return MTLZ_OK;

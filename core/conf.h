@@ -12,7 +12,8 @@
  *   input.schema_dir (Confluent ids: <dir>/<id>.avsc), input.max_message_bytes,
  *   output.framing (single_object | confluent | container), output.schema_id,
  *   model.path (empty: the default model, mtlz_default_model), model.version,
- *   engine.kind (cpu | cuda), engine.threads, engine.mc_samples, engine.seed,
+ *   engine.kind (cpu | cuda | auto), engine.threads, engine.mc_samples,
+ *   engine.seed, engine.precision (fp32 | tf32),
  *   batch.max_size, batch.max_delay_ms,
  *   preprocess.threads, preprocess.mask_bits,
  *   delivery.guarantee (at_least_once | exactly_once), delivery.transactional_id,
@@ -53,15 +54,16 @@ typedef struct mtlz_conf {
 	char *model_path;
 	char *model_version;        /* free text carried into results; "" = from file */
 
-	char *engine_kind;          /* "cpu" */
+	char *engine_kind;          /* "cpu" | "cuda" | "auto" */
 	int engine_threads;         /* 0 = all cores */
 	int engine_mc_samples;      /* 100 */
 	long long engine_seed;
+	char *engine_precision;     /* "fp32" | "tf32" (CUDA only) */
 
 	int batch_max_size;         /* 64 */
 	int batch_max_delay_ms;     /* 50 */
 
-	int preprocess_threads;     /* 1 */
+	int preprocess_threads;     /* 0 = min(4, online CPUs) */
 	char *preprocess_mask_bits; /* "" = none */
 
 	char *delivery_guarantee;   /* "at_least_once" */

@@ -30,7 +30,29 @@ struct mtlz_engine {
 	int input_length;
 	mtlz_engine_stats stats;
 	char desc[512];     /* "auto" engines: the backend's line + the choice */
+	long n_runs;        /* run() calls with n > 0, for MTLZ_FAULT_ENGINE */
 };
+
+/*
+ * Fault injection, for tests of the callers' error handling (mtlzd's
+ * retry-then-stop, tests/test_daemon.c): MTLZ_FAULT_ENGINE=N makes the Nth
+ * mtlz_engine_run() of each engine (counting batches with n > 0; warm-up
+ * does not count) fail as a device error would; "N+" makes the Nth and
+ * every later call fail. Unset or empty (always in production): no effect.
+ */
+static int fault_injected(long call)
+{
+	const char *v = getenv("MTLZ_FAULT_ENGINE");
+	char *end;
+	long n;
+
+	if (!v || !*v)
+		return 0;
+	n = strtol(v, &end, 10);
+	if (n < 1)
+		return 0;
+	return *end == '+' ? call >= n : call == n;
+}
 
 const char *mtlz_engine_kinds(void)
 {
@@ -161,6 +183,10 @@ int mtlz_engine_run(mtlz_engine *e, const float *x, int n, int mc_samples,
 				e->be->name, mc_samples);
 	if (n == 0)
 		return MTLZ_OK;
+	if (fault_injected(++e->n_runs))
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_IO,
+				"engine %s: injected fault (MTLZ_FAULT_ENGINE=%s, call %ld)",
+				e->be->name, getenv("MTLZ_FAULT_ENGINE"), e->n_runs);
 	t0 = mtlz_now();
 	rc = e->be->run(e->ctx, x, n, mc_samples, out, errstr, errstr_size);
 	if (rc == MTLZ_OK && e->be->sync)

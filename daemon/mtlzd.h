@@ -1,15 +1,25 @@
 /*
- * mtlzd.h - the daemon's shared state. Three long-lived threads:
+ * mtlzd.h - the daemon's shared state. Long-lived threads:
  *
- *   consume  polls Kafka, decodes (Avro), preprocesses into the open batch
- *            slot, dead-letters bad input, closes a slot on batch.max_size or
- *            batch.max_delay_ms and hands it to infer; serves rebalances;
- *            sends systemd notifications.
- *   infer    owns the engine (and, later, every CUDA call): runs a ready
- *            slot, encodes the results and produces them.
+ *   consume  polls Kafka; for each input message records its offset (in
+ *            arrival order), reserves the next position of the open batch
+ *            slot and queues (message, slot, position) for a preprocess
+ *            worker; closes a slot on batch.max_size or batch.max_delay_ms;
+ *            serves rebalances; sends systemd notifications.
+ *   prep-N   preprocess.threads workers: decode (Avro), validate and
+ *            preprocess a message straight into its reserved slot position,
+ *            or dead-letter it; then hand the message back to librdkafka.
+ *   infer    owns the engine (and every CUDA call): takes the oldest closed
+ *            slot once all its positions are filled, compacts it (drops the
+ *            dead-lettered positions), runs it, encodes the results and
+ *            produces them in position order (= arrival order).
  *   deliver  serves the producer's delivery reports: an input offset is
  *            stored for commit only once its result (or its dead-letter
  *            record) is acknowledged, in offset order per partition.
+ *
+ * Slots go to infer strictly in the order they were closed, whatever order
+ * the workers finish in, so results of a partition are produced in input
+ * order and exactly_once transactions commit offsets in order.
  *
  * With delivery.guarantee exactly_once (txn.c) each slot is one Kafka
  * transaction: the infer thread produces the slot's results and its deferred
@@ -19,7 +29,9 @@
  *
  * Batch slots are preallocated (a ring of MTLZD_SLOTS), sized for the largest
  * batch, so pinned host memory and one CUDA stream per slot can replace them
- * without reshaping the pipeline.
+ * without reshaping the pipeline. The worker queue holds at most every
+ * position of every slot, so it never fills: backpressure stays where it
+ * was, the consume thread waiting for a free slot.
  */
 #ifndef MTLZD_H
 #define MTLZD_H
@@ -90,14 +102,49 @@ struct mtlzd_dead {
 	void *buf;                 /* owned copy of value + key (deferred only) */
 };
 
+/* What a reserved slot position holds (mtlzd_slot.state). */
+enum mtlzd_pos {
+	MTLZD_POS_PENDING,        /* a worker has it */
+	MTLZD_POS_SPECTRUM,       /* preprocessed into x, items filled */
+	MTLZD_POS_DEAD,           /* a deferred dead letter in dead[] (exactly_once) */
+	MTLZD_POS_EMPTY,          /* dead-lettered at once, or dropped (fatal) */
+};
+
+/*
+ * A batch slot. The consume thread reserves positions 0..n_res-1 in arrival
+ * order; workers fill them in any order, each only its own position; once
+ * closed and n_filled == n_res the infer thread compacts it: spectra to
+ * x/items[0..n), deferred dead letters to dead[0..n_dead).
+ */
 struct mtlzd_slot {
-	int n;                    /* spectra in x/items */
-	int n_dead;               /* deferred dead letters (exactly_once only) */
+	int cap;                  /* batch.max_size */
+	int n_res;                /* positions reserved (consume thread) */
+	int n_filled;             /* positions finished by workers (d->lock) */
+	int closed;               /* no more reservations (d->lock) */
+	int n;                    /* after compaction: spectra in x/items */
+	int n_dead;               /* after compaction: deferred dead letters */
 	double opened_at;
 	float *x;                 /* [max_batch][input_length] */
 	struct mtlzd_item *items; /* [max_batch] */
 	mtlz_output *out;         /* [max_batch] */
 	struct mtlzd_dead *dead;  /* [max_batch] */
+	unsigned char *state;     /* [max_batch] enum mtlzd_pos */
+};
+
+/* One message for a preprocess worker: it owns m until it destroys it. */
+struct mtlzd_job {
+	rd_kafka_message_t *m;
+	int slot, pos;
+};
+
+/* A preprocess worker and what it reuses from message to message. */
+struct mtlzd_worker {
+	struct mtlzd *d;
+	int id;
+	pthread_t thr;
+	int started;
+	mtlz_avro *avro;
+	mtlz_prep_ws *ws;
 };
 
 struct mtlzd {
@@ -111,8 +158,7 @@ struct mtlzd {
 	char result_fp[17];         /* hex CRC-64-AVRO of result.avsc (header) */
 	mtlz_engine *engine;
 	mtlz_prep_opts prep;
-	mtlz_prep_ws *prep_ws;
-	mtlz_avro *avro_in, *avro_out;   /* consume thread's, infer thread's */
+	mtlz_avro *avro_out;        /* infer thread's (each worker has its own) */
 	int output_framing;
 	int L;
 
@@ -124,6 +170,15 @@ struct mtlzd {
 	int busy;                   /* slots handed to infer and not yet back */
 	pthread_mutex_t lock;
 	pthread_cond_t cond_ready, cond_free;
+
+	/* preprocess workers and their queue (FIFO, MTLZD_SLOTS x max_batch) */
+	struct mtlzd_worker *workers;
+	int n_workers;
+	struct mtlzd_job *jobs;
+	int jobs_cap, jobs_head, n_jobs;
+	int work_stop;              /* under work_lock */
+	pthread_mutex_t work_lock;
+	pthread_cond_t cond_work;
 
 	mtlz_offsets *tracker;
 	struct mtlzd_counters cnt;
@@ -164,6 +219,9 @@ void mtlzd_set_fatal(struct mtlzd *d);
 int mtlzd_publish_results(struct mtlzd *d, struct mtlzd_slot *s);
 int mtlzd_dead_letter_send(struct mtlzd *d, struct mtlzd_dead *dl);
 void mtlzd_slot_release(struct mtlzd_slot *s);
+/* Hands the open slot (if it holds anything) to the infer thread.
+ * @locality consume thread; takes d->lock */
+void mtlzd_close_open_slot(struct mtlzd *d);
 
 /* txn.c: exactly_once */
 int mtlzd_txn_init(struct mtlzd *d, char *errstr, size_t errstr_size);

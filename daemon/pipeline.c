@@ -1,13 +1,15 @@
 /*
  * pipeline.c - mtlzd's data path (see mtlzd.h for the threads):
- * Kafka -> decode -> preprocess -> micro-batch slot -> engine -> encode ->
- * Kafka, with at-least-once offset handling and a dead-letter topic.
+ * Kafka -> (consume) reserve a slot position -> (prep workers) decode +
+ * preprocess into it -> (infer) engine -> encode -> Kafka, with at-least-once
+ * offset handling and a dead-letter topic.
  */
 #define _GNU_SOURCE
 #include "mtlzd.h"
 #include "common.h"
 #include "log.h"
 
+#include <assert.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
@@ -198,41 +200,31 @@ static void dead_letter_build(struct mtlzd *d, const rd_kafka_message_t *m, int 
 	dl->offset = m->offset;
 }
 
-static int ensure_open_slot(struct mtlzd *d);
-static void close_open_slot(struct mtlzd *d);
-
-static int slot_count(const struct mtlzd_slot *s)
+/* Dead-letters m, whose reserved position is (s, pos): now (at_least_once),
+ * or deferred into the slot so that it is produced in that slot's
+ * transaction (exactly_once), with value and key copied since m is handed
+ * back to librdkafka at once. @locality a preprocess worker */
+static void dead_letter(struct mtlzd *d, struct mtlzd_slot *s, int pos,
+			const rd_kafka_message_t *m, int reason, const char *detail)
 {
-	return s->n + s->n_dead;
-}
-
-/* Dead-letters m: now (at_least_once), or deferred into the open slot so
- * that it is produced in that slot's transaction (exactly_once). Returns 1
- * when the slot took ownership of m. @locality consume thread */
-static void dead_letter(struct mtlzd *d, rd_kafka_message_t *m, int reason, const char *detail)
-{
-	struct mtlzd_slot *s;
-	struct mtlzd_dead dl, *q;
+	struct mtlzd_dead dl;
 
 	atomic_fetch_add(&d->cnt.dlq_by_reason[reason], 1);
 	mtlz_log(MTLZ_LOG_DEBUG, "event=dead_letter partition=%" PRId32 " offset=%" PRId64
 		 " class=%s detail=\"%s\"", m->partition, m->offset,
 		 mtlzd_reason_name(reason), detail);
 	dead_letter_build(d, m, reason, detail, &dl);
+	s->state[pos] = MTLZD_POS_EMPTY;
 	if (!d->eos) {
 		mtlzd_dead_letter_send(d, &dl);
 		return;
-	}
-	if (ensure_open_slot(d) < 0) {
-		rd_kafka_headers_destroy(dl.hdrs);
-		return; /* fatal: not processed, so not committed */
 	}
 	dl.buf = malloc(dl.value_len + dl.key_len + 1);
 	if (!dl.buf) {
 		rd_kafka_headers_destroy(dl.hdrs);
 		mtlz_log(MTLZ_LOG_ERROR, "event=out_of_memory detail=\"dead letter\"");
 		mtlzd_set_fatal(d);
-		return;
+		return; /* fatal: not processed, so not committed */
 	}
 	if (dl.value_len)
 		memcpy(dl.buf, dl.value, dl.value_len);
@@ -240,26 +232,37 @@ static void dead_letter(struct mtlzd *d, rd_kafka_message_t *m, int reason, cons
 		memcpy((char *)dl.buf + dl.value_len, dl.key, dl.key_len);
 	dl.value = dl.buf;
 	dl.key = dl.key ? (char *)dl.buf + dl.value_len : NULL;
-	s = &d->slots[d->open_slot];
-	q = &s->dead[s->n_dead++];
-	*q = dl;
-	if (slot_count(s) == d->conf->batch_max_size)
-		close_open_slot(d);
+	s->dead[pos] = dl;
+	s->state[pos] = MTLZD_POS_DEAD;
 }
 
 /* ---- slots ---------------------------------------------------------- */
 
-/* Hands the open slot (if it holds anything) to the infer thread.
- * @locality consume thread */
-static void close_open_slot(struct mtlzd *d)
+/* Positions reserved in s (what batch.max_size and the delay count). */
+static int slot_count(const struct mtlzd_slot *s)
 {
+	return s->n_res;
+}
+
+/* All of a closed slot's positions are filled. @locks d->lock */
+static int slot_filled(const struct mtlzd_slot *s)
+{
+	return s->closed && s->n_filled == s->n_res;
+}
+
+void mtlzd_close_open_slot(struct mtlzd *d)
+{
+	struct mtlzd_slot *s;
+
 	if (d->open_slot < 0 || slot_count(&d->slots[d->open_slot]) == 0)
 		return;
+	s = &d->slots[d->open_slot];
 	pthread_mutex_lock(&d->lock);
+	s->closed = 1;
 	d->ready_q[(d->ready_head + d->n_ready) % MTLZD_SLOTS] = d->open_slot;
 	d->n_ready++;
 	d->busy++;
-	pthread_cond_signal(&d->cond_ready);
+	pthread_cond_broadcast(&d->cond_ready);
 	pthread_mutex_unlock(&d->lock);
 	d->open_slot = -1;
 }
@@ -275,6 +278,8 @@ static void close_open_slot(struct mtlzd *d)
  */
 static int ensure_open_slot(struct mtlzd *d)
 {
+	struct mtlzd_slot *s;
+
 	if (d->open_slot >= 0)
 		return 0;
 	pthread_mutex_lock(&d->lock);
@@ -285,30 +290,67 @@ static int ensure_open_slot(struct mtlzd *d)
 		return -1;
 	}
 	d->open_slot = d->free_q[--d->n_free];
+	s = &d->slots[d->open_slot];
+	s->n_res = s->n_filled = s->closed = 0;
+	s->n = s->n_dead = 0;
 	pthread_mutex_unlock(&d->lock);
-	d->slots[d->open_slot].n = 0;
-	d->slots[d->open_slot].n_dead = 0;
-	d->slots[d->open_slot].opened_at = mtlz_now();
+	s->opened_at = mtlz_now();
 	return 0;
 }
 
-/* Drops what a slot holds beyond its preallocated buffers. */
+/* Moves a filled slot's spectra to x/items[0..n) and its deferred dead
+ * letters to dead[0..n_dead), keeping arrival order.
+ * @locality the thread that owns the filled slot (infer; consume at stop) */
+static void slot_compact(struct mtlzd *d, struct mtlzd_slot *s)
+{
+	int n = 0, nd = 0;
+
+	for (int i = 0; i < s->n_res; i++) {
+		switch (s->state[i]) {
+		case MTLZD_POS_SPECTRUM:
+			if (i != n) {
+				memcpy(s->x + (size_t)n * d->L, s->x + (size_t)i * d->L,
+				       (size_t)d->L * sizeof(float));
+				s->items[n] = s->items[i];
+			}
+			n++;
+			break;
+		case MTLZD_POS_DEAD:
+			if (i != nd) {
+				s->dead[nd] = s->dead[i];
+				memset(&s->dead[i], 0, sizeof(s->dead[i]));
+			}
+			nd++;
+			break;
+		default:
+			assert(s->state[i] == MTLZD_POS_EMPTY);
+			break;
+		}
+	}
+	s->n = n;
+	s->n_dead = nd;
+}
+
+/* Drops what a slot holds beyond its preallocated buffers (deferred dead
+ * letters, compacted or not). */
 void mtlzd_slot_release(struct mtlzd_slot *s)
 {
-	for (int i = 0; i < s->n_dead; i++) {
+	for (int i = 0; s->dead && i < s->cap; i++) {
 		if (s->dead[i].hdrs)
 			rd_kafka_headers_destroy(s->dead[i].hdrs);
 		free(s->dead[i].buf);
+		memset(&s->dead[i], 0, sizeof(s->dead[i]));
 	}
 	s->n_dead = 0;
 	s->n = 0;
+	s->n_res = s->n_filled = 0;
 }
 
 /* Waits until every slot is back (in-flight batches produced).
  * @locality consume thread */
 static void drain_slots(struct mtlzd *d)
 {
-	close_open_slot(d);
+	mtlzd_close_open_slot(d);
 	pthread_mutex_lock(&d->lock);
 	while (d->busy > 0 && !atomic_load(&d->fatal))
 		pthread_cond_wait(&d->cond_free, &d->lock);
@@ -339,17 +381,14 @@ static int decode_reason(int e)
 	}
 }
 
-/* One input message: decode, preprocess into the open slot or dead-letter.
- * @locality consume thread */
+/* One input message, taken over from librdkafka: its offset is recorded (in
+ * arrival order), the next position of the open slot is reserved for it and
+ * a worker is given the rest. @locality consume thread */
 static void handle_message(struct mtlzd *d, rd_kafka_message_t *m)
 {
 	struct mtlzd_slot *s;
-	struct mtlzd_item *it;
-	mtlz_spectrum sp;
-	mtlz_prep_info info;
-	char err[512];
-	int64_t t0;
-	int e, rc;
+	struct mtlzd_job *j;
+	int pos;
 
 	atomic_fetch_add(&d->cnt.consumed, 1);
 	if (d->eos)
@@ -357,46 +396,166 @@ static void handle_message(struct mtlzd *d, rd_kafka_message_t *m)
 	else if (mtlz_offsets_add(d->tracker, m->partition, m->offset) < 0)
 		mtlz_log(MTLZ_LOG_WARN, "event=offset_out_of_order partition=%" PRId32
 			 " offset=%" PRId64, m->partition, m->offset);
+	if (ensure_open_slot(d) < 0) {
+		rd_kafka_message_destroy(m);
+		return; /* fatal: not processed, so not committed */
+	}
+	s = &d->slots[d->open_slot];
+	pos = s->n_res++;
+	s->state[pos] = MTLZD_POS_PENDING;
+	pthread_mutex_lock(&d->work_lock);
+	/* every queued job holds a reserved position: the queue cannot fill */
+	assert(d->n_jobs < d->jobs_cap);
+	j = &d->jobs[(d->jobs_head + d->n_jobs) % d->jobs_cap];
+	j->m = m;
+	j->slot = d->open_slot;
+	j->pos = pos;
+	d->n_jobs++;
+	pthread_cond_signal(&d->cond_work);
+	pthread_mutex_unlock(&d->work_lock);
+	if (slot_count(s) == d->conf->batch_max_size)
+		mtlzd_close_open_slot(d);
+}
+
+/* ---- preprocess workers --------------------------------------------- */
+
+/* Decodes, validates and preprocesses j's message into its slot position,
+ * or dead-letters it. @locality a preprocess worker (owns j->m) */
+static void prep_job(struct mtlzd_worker *w, const struct mtlzd_job *j)
+{
+	struct mtlzd *d = w->d;
+	struct mtlzd_slot *s = &d->slots[j->slot];
+	const rd_kafka_message_t *m = j->m;
+	struct mtlzd_item *it = &s->items[j->pos];
+	mtlz_spectrum sp;
+	mtlz_prep_info info;
+	char err[512];
+	int64_t t0;
+	int e, rc;
+
+	if (atomic_load(&d->fatal)) {
+		s->state[j->pos] = MTLZD_POS_EMPTY; /* stopping: read again later */
+		return;
+	}
 	if (m->len > (size_t)d->conf->input_max_message_bytes) {
 		snprintf(err, sizeof(err), "%zu bytes, input.max_message_bytes is %d",
 			 m->len, d->conf->input_max_message_bytes);
-		dead_letter(d, m, MTLZD_R_OVERSIZE, err);
+		dead_letter(d, s, j->pos, m, MTLZD_R_OVERSIZE, err);
 		return;
 	}
 	mtlz_spectrum_init(&sp);
 	t0 = mtlzd_now_us();
-	e = mtlz_avro_decode_spectrum(d->avro_in, m->payload, m->len, &sp, err, sizeof(err));
-	atomic_fetch_add(&d->cnt.consume_busy_us, (uint64_t)(mtlzd_now_us() - t0));
+	e = mtlz_avro_decode_spectrum(w->avro, m->payload, m->len, &sp, err, sizeof(err));
 	if (e != MTLZ_DECODE_OK) {
+		atomic_fetch_add(&d->cnt.consume_busy_us, (uint64_t)(mtlzd_now_us() - t0));
 		mtlz_spectrum_clear(&sp);
-		dead_letter(d, m, decode_reason(e), err);
+		dead_letter(d, s, j->pos, m, decode_reason(e), err);
 		return;
 	}
 	snprintf(sp.source, sizeof(sp.source), "%s[%" PRId32 "]@%" PRId64,
 		 rd_kafka_topic_name(m->rkt), m->partition, m->offset);
-	if (ensure_open_slot(d) < 0) {
-		mtlz_spectrum_clear(&sp);
-		return; /* fatal: not processed, so not committed */
-	}
-	s = &d->slots[d->open_slot];
-	t0 = mtlzd_now_us();
-	rc = mtlz_preprocess(&sp, &d->prep, d->prep_ws, s->x + (size_t)s->n * d->L, &info,
+	rc = mtlz_preprocess(&sp, &d->prep, w->ws, s->x + (size_t)j->pos * d->L, &info,
 			     err, sizeof(err));
 	atomic_fetch_add(&d->cnt.consume_busy_us, (uint64_t)(mtlzd_now_us() - t0));
 	if (rc != MTLZ_OK) {
 		mtlz_spectrum_clear(&sp);
-		dead_letter(d, m, info.reject ? prep_reason(info.reject) : MTLZD_R_INVALID, err);
+		dead_letter(d, s, j->pos, m, info.reject ? prep_reason(info.reject) :
+			    MTLZD_R_INVALID, err);
 		return;
 	}
-	it = &s->items[s->n++];
 	snprintf(it->spec_id, sizeof(it->spec_id), "%s", sp.spec_id);
 	it->partition = m->partition;
 	it->offset = m->offset;
 	it->ts_ms = rd_kafka_message_timestamp(m, NULL);
 	it->flags = info.flags;
 	mtlz_spectrum_clear(&sp);
-	if (slot_count(s) == d->conf->batch_max_size)
-		close_open_slot(d);
+	s->state[j->pos] = MTLZD_POS_SPECTRUM;
+}
+
+/* @locality preprocess worker thread */
+static void *worker_main(void *arg)
+{
+	struct mtlzd_worker *w = arg;
+	struct mtlzd *d = w->d;
+
+	for (;;) {
+		struct mtlzd_job j;
+		struct mtlzd_slot *s;
+
+		pthread_mutex_lock(&d->work_lock);
+		while (d->n_jobs == 0 && !d->work_stop)
+			pthread_cond_wait(&d->cond_work, &d->work_lock);
+		if (d->n_jobs == 0) {  /* stopping, and nothing left */
+			pthread_mutex_unlock(&d->work_lock);
+			break;
+		}
+		j = d->jobs[d->jobs_head];
+		d->jobs_head = (d->jobs_head + 1) % d->jobs_cap;
+		d->n_jobs--;
+		pthread_mutex_unlock(&d->work_lock);
+
+		prep_job(w, &j);
+		rd_kafka_message_destroy(j.m);
+		s = &d->slots[j.slot];
+		pthread_mutex_lock(&d->lock);
+		s->n_filled++;
+		if (slot_filled(s))
+			pthread_cond_broadcast(&d->cond_ready);
+		pthread_mutex_unlock(&d->lock);
+	}
+	return NULL;
+}
+
+/* Starts n preprocess workers. @locality main thread */
+static int workers_start(struct mtlzd *d, int n, char *errstr, size_t errstr_size)
+{
+	const char *schemas = getenv("MTLZ_SCHEMA_DIR");
+	const mtlz_conf *c = d->conf;
+
+	if (!schemas)
+		schemas = MTLZ_SCHEMA_DIR;
+	d->jobs_cap = MTLZD_SLOTS * c->batch_max_size;
+	d->jobs = calloc((size_t)d->jobs_cap, sizeof(*d->jobs));
+	d->workers = calloc((size_t)n, sizeof(*d->workers));
+	if (!d->jobs || !d->workers)
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory (workers)");
+	d->n_workers = n;
+	for (int i = 0; i < n; i++) {
+		struct mtlzd_worker *w = &d->workers[i];
+		char name[16];
+
+		w->d = d;
+		w->id = i;
+		w->avro = mtlz_avro_new(schemas, c->input_schema_dir[0] ? c->input_schema_dir :
+					NULL, errstr, errstr_size);
+		if (!w->avro)
+			return MTLZ_ERR_FORMAT;
+		w->ws = mtlz_prep_ws_new();
+		if (!w->ws)
+			return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory");
+		if (pthread_create(&w->thr, NULL, worker_main, w))
+			return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM,
+					"cannot start preprocess thread %d", i);
+		w->started = 1;
+		snprintf(name, sizeof(name), "mtlzd-prep%u", (unsigned)i % 100u);
+		pthread_setname_np(w->thr, name);
+	}
+	return MTLZ_OK;
+}
+
+/* Lets the workers finish every queued job, then joins them; idempotent.
+ * @locality main thread */
+static void workers_stop(struct mtlzd *d)
+{
+	pthread_mutex_lock(&d->work_lock);
+	d->work_stop = 1;
+	pthread_cond_broadcast(&d->cond_work);
+	pthread_mutex_unlock(&d->work_lock);
+	for (int i = 0; i < d->n_workers; i++)
+		if (d->workers[i].started) {
+			pthread_join(d->workers[i].thr, NULL);
+			d->workers[i].started = 0;
+		}
 }
 
 /* ---- infer ---------------------------------------------------------- */
@@ -452,19 +611,43 @@ int mtlzd_publish_results(struct mtlzd *d, struct mtlzd_slot *s)
 	return 0;
 }
 
+/* Runs the engine on slot s; on failure retries once (a transient device
+ * error), then gives up: the caller stops the daemon with nothing committed
+ * for this slot. @locality infer thread */
+static int run_engine(struct mtlzd *d, struct mtlzd_slot *s)
+{
+	char err[512];
+
+	for (int attempt = 1;; attempt++) {
+		if (mtlz_engine_run(d->engine, s->x, s->n, d->conf->engine_mc_samples, s->out,
+				    err, sizeof(err)) == MTLZ_OK)
+			return 0;
+		mtlz_log(MTLZ_LOG_ERROR, "event=engine_error engine=%s attempt=%d batch=%d "
+			 "first=%" PRId32 "@%" PRId64 " error=\"%s\" detail=\"%s\"",
+			 mtlz_engine_name(d->engine), attempt, s->n, s->items[0].partition,
+			 s->items[0].offset, err, attempt < 2 ? "retrying the batch" :
+			 "stopping: nothing committed for this batch, it is read again "
+			 "after the restart");
+		if (attempt == 2)
+			return -1;
+	}
+}
+
 /* @locality infer thread: owns the engine */
 static void *infer_main(void *arg)
 {
 	struct mtlzd *d = arg;
-	char err[512];
 
 	for (;;) {
 		struct mtlzd_slot *s;
 		int64_t t0, t1;
 		int idx;
 
+		/* the oldest closed slot, once its workers are done with it:
+		 * slots run in the order they were closed */
 		pthread_mutex_lock(&d->lock);
-		while (d->n_ready == 0 && !atomic_load(&d->infer_stop)) {
+		while (!(d->n_ready > 0 && slot_filled(&d->slots[d->ready_q[d->ready_head]])) &&
+		       !(d->n_ready == 0 && atomic_load(&d->infer_stop))) {
 			struct timespec ts;
 
 			clock_gettime(CLOCK_REALTIME, &ts);
@@ -482,13 +665,12 @@ static void *infer_main(void *arg)
 		pthread_mutex_unlock(&d->lock);
 
 		s = &d->slots[idx];
+		slot_compact(d, s);
 		t0 = mtlzd_now_us();
 		if (atomic_load(&d->rewind) || atomic_load(&d->fatal)) {
-			/* read past an aborted transaction: dropped, read again */
-		} else if (s->n > 0 && mtlz_engine_run(d->engine, s->x, s->n,
-						       d->conf->engine_mc_samples, s->out,
-						       err, sizeof(err)) != MTLZ_OK) {
-			mtlz_log(MTLZ_LOG_ERROR, "event=engine_failed error=\"%s\"", err);
+			/* read past an aborted transaction, or stopping: dropped,
+			 * read again */
+		} else if (s->n > 0 && run_engine(d, s) < 0) {
 			mtlzd_set_fatal(d);
 		} else {
 			t1 = mtlzd_now_us();
@@ -496,7 +678,8 @@ static void *infer_main(void *arg)
 				mtlzd_publish_results(d, s);
 			else if (mtlzd_txn_run(d, s) > 0)
 				atomic_store(&d->rewind, 1);
-			atomic_fetch_add(&d->cnt.batches, 1);
+			if (s->n + s->n_dead > 0)
+				atomic_fetch_add(&d->cnt.batches, 1);
 			atomic_fetch_add(&d->cnt.engine_busy_us, (uint64_t)(t1 - t0));
 			atomic_fetch_add(&d->cnt.publish_busy_us, (uint64_t)(mtlzd_now_us() - t1));
 		}
@@ -682,8 +865,10 @@ static int alloc_slots(struct mtlzd *d)
 		s->items = calloc((size_t)B, sizeof(*s->items));
 		s->out = calloc((size_t)B, sizeof(*s->out));
 		s->dead = calloc((size_t)B, sizeof(*s->dead));
-		if (!s->x || !s->items || !s->out || !s->dead)
+		s->state = calloc((size_t)B, sizeof(*s->state));
+		if (!s->x || !s->items || !s->out || !s->dead || !s->state)
 			return MTLZ_ERR_NOMEM;
+		s->cap = B;
 		d->free_q[d->n_free++] = i;
 	}
 	d->open_slot = -1;
@@ -695,8 +880,7 @@ static int load_model(struct mtlzd *d, char *errstr, size_t errstr_size)
 	const mtlz_conf *c = d->conf;
 	mtlz_engine_opts eo;
 	const char *v;
-	float *warm;
-	mtlz_output o;
+	double t0;
 	int rc;
 
 	d->model = mtlz_model_load(c->model_path, errstr, errstr_size);
@@ -724,6 +908,7 @@ static int load_model(struct mtlzd *d, char *errstr, size_t errstr_size)
 	eo.max_batch = c->batch_max_size;
 	eo.mc_samples = c->engine_mc_samples;
 	eo.seed = (uint64_t)c->engine_seed;
+	eo.precision = c->engine_precision;
 	d->engine = mtlz_engine_new(&eo, errstr, errstr_size);
 	if (!d->engine)
 		return MTLZ_ERR_INVALID;
@@ -731,17 +916,18 @@ static int load_model(struct mtlzd *d, char *errstr, size_t errstr_size)
 	if (rc)
 		return rc;
 	d->L = mtlz_model_arch(d->model)->input_length;
-	/* warm-up: touch every buffer and page in the weights before READY */
-	warm = malloc((size_t)d->L * sizeof(float));
-	if (!warm)
-		return MTLZ_ERR_NOMEM;
-	for (int i = 0; i < d->L; i++)
-		warm[i] = 1.0f;
-	rc = mtlz_engine_run(d->engine, warm, 1, c->engine_mc_samples, &o, errstr, errstr_size);
-	free(warm);
+	/* warm-up before READY: every batch size the engine will see (CUDA
+	 * graphs captured, kernels loaded, buffers and weights paged in) */
+	t0 = mtlz_now();
+	rc = mtlz_engine_warmup(d->engine, c->engine_mc_samples, errstr, errstr_size);
+	if (rc)
+		return rc;
+	mtlz_log(MTLZ_LOG_INFO, "event=warmup engine=%s max_batch=%d mc=%d ms=%.0f",
+		 mtlz_engine_name(d->engine), c->batch_max_size, c->engine_mc_samples,
+		 (mtlz_now() - t0) * 1000);
 	mtlz_prep_opts_default(&d->prep);
 	d->prep.grid = *mtlz_model_grid(d->model);
-	if (!rc && c->preprocess_mask_bits[0])
+	if (c->preprocess_mask_bits[0])
 		rc = mtlz_mask_bits_parse(c->preprocess_mask_bits, &d->prep.and_mask_bits,
 					  errstr, errstr_size);
 	return rc;
@@ -753,7 +939,8 @@ int mtlzd_start(struct mtlzd *d, const mtlz_conf *c, volatile sig_atomic_t *stop
 	const char *schemas = getenv("MTLZ_SCHEMA_DIR");
 	rd_kafka_topic_partition_list_t *sub;
 	rd_kafka_resp_err_t err;
-	int rc;
+	long n_cpu = sysconf(_SC_NPROCESSORS_ONLN);
+	int rc, n_prep;
 
 	memset(d, 0, sizeof(*d));
 	d->conf = c;
@@ -761,6 +948,8 @@ int mtlzd_start(struct mtlzd *d, const mtlz_conf *c, volatile sig_atomic_t *stop
 	pthread_mutex_init(&d->lock, NULL);
 	pthread_cond_init(&d->cond_ready, NULL);
 	pthread_cond_init(&d->cond_free, NULL);
+	pthread_mutex_init(&d->work_lock, NULL);
+	pthread_cond_init(&d->cond_work, NULL);
 	d->eos = strcmp(c->delivery_guarantee, "exactly_once") == 0;
 	if (d->eos) {
 		char host[128] = "localhost";
@@ -771,29 +960,29 @@ int mtlzd_start(struct mtlzd *d, const mtlz_conf *c, volatile sig_atomic_t *stop
 		else
 			snprintf(d->txn_id, sizeof(d->txn_id), "mtlzd-%s-%s", c->kafka_group_id, host);
 	}
-	if (c->preprocess_threads > 1)
-		mtlz_log(MTLZ_LOG_WARN, "event=config_unused key=preprocess.threads value=%d "
-			 "detail=\"decoding and preprocessing run in the consume thread\"",
-			 c->preprocess_threads);
+	/* 0: enough to keep a GPU engine fed (one thread decodes and
+	 * preprocesses ~10,000 spectra/s), never more than there are cores */
+	n_prep = c->preprocess_threads ? c->preprocess_threads :
+		 (int)MTLZ_MAX(1L, MTLZ_MIN(4L, n_cpu));
 	d->tracker = mtlz_offsets_new();
-	d->prep_ws = mtlz_prep_ws_new();
-	if (!d->tracker || !d->prep_ws)
+	if (!d->tracker)
 		return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory");
 	rc = load_model(d, errstr, errstr_size);
 	if (rc)
 		return rc;
 	if (!schemas)
 		schemas = MTLZ_SCHEMA_DIR;
-	d->avro_in = mtlz_avro_new(schemas, c->input_schema_dir[0] ? c->input_schema_dir : NULL,
-				   errstr, errstr_size);
-	d->avro_out = d->avro_in ? mtlz_avro_new(schemas, NULL, errstr, errstr_size) : NULL;
-	if (!d->avro_in || !d->avro_out)
+	d->avro_out = mtlz_avro_new(schemas, NULL, errstr, errstr_size);
+	if (!d->avro_out)
 		return MTLZ_ERR_FORMAT;
 	d->output_framing = mtlz_framing_parse(c->output_framing);
 	snprintf(d->result_fp, sizeof(d->result_fp), "%016" PRIx64,
 		 mtlz_avro_result_fingerprint(d->avro_out));
 	if (alloc_slots(d))
 		return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory (slots)");
+	rc = workers_start(d, n_prep, errstr, errstr_size);
+	if (rc)
+		return rc;
 	d->producer = make_client(d, RD_KAFKA_PRODUCER, errstr, errstr_size);
 	if (!d->producer)
 		return MTLZ_ERR_INVALID;
@@ -817,10 +1006,11 @@ int mtlzd_start(struct mtlzd *d, const mtlz_conf *c, volatile sig_atomic_t *stop
 	pthread_setname_np(d->infer_thr, "mtlzd-infer");
 	pthread_setname_np(d->deliver_thr, "mtlzd-deliver");
 	mtlz_log(MTLZ_LOG_INFO, "event=started model=%s sha256=%s version=%s engine=\"%s\" "
-		 "input=%s output=%s dead_letter=%s batch=%d delay_ms=%d guarantee=%s%s%s",
+		 "input=%s output=%s dead_letter=%s batch=%d delay_ms=%d preprocess_threads=%d "
+		 "guarantee=%s%s%s",
 		 c->model_path, d->model_sha256, d->model_version,
 		 mtlz_engine_describe(d->engine), c->topics_input, c->topics_output,
-		 c->topics_dead_letter, c->batch_max_size, c->batch_max_delay_ms,
+		 c->topics_dead_letter, c->batch_max_size, c->batch_max_delay_ms, n_prep,
 		 c->delivery_guarantee, d->eos ? " transactional_id=" : "", d->eos ? d->txn_id : "");
 	return MTLZ_OK;
 }
@@ -897,10 +1087,10 @@ int mtlzd_run(struct mtlzd *d)
 			timeout = left <= 0 ? 0 : MTLZ_MIN(100, (int)(left * 1000) + 1);
 		}
 		m = rd_kafka_consumer_poll(d->consumer, timeout);
-		if (m) {
-			if (!m->err)
-				handle_message(d, m);
-			else if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF)
+		if (m && !m->err) {
+			handle_message(d, m);  /* takes m over */
+		} else if (m) {
+			if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF)
 				mtlz_log(MTLZ_LOG_WARN, "event=consume_error error=\"%s\"",
 					 rd_kafka_message_errstr(m));
 			rd_kafka_message_destroy(m);
@@ -908,7 +1098,7 @@ int mtlzd_run(struct mtlzd *d)
 		now = mtlz_now();
 		if (d->open_slot >= 0 && slot_count(&d->slots[d->open_slot]) > 0 &&
 		    now - d->slots[d->open_slot].opened_at >= delay)
-			close_open_slot(d);
+			mtlzd_close_open_slot(d);
 		if (!ready && atomic_load(&d->joined)) {
 			ready = 1;
 			sd_notify(0, "READY=1");
@@ -935,7 +1125,9 @@ int mtlzd_run(struct mtlzd *d)
 			mtlz_log(MTLZ_LOG_WARN, "event=commit_failed error=\"%s\"",
 				 rd_kafka_err2str(err));
 	}
-	/* a slot still open (fatal stop) holds messages */
+	/* the workers hand every message they hold back to librdkafka; a
+	 * slot still open (fatal stop) is dropped: not committed, read again */
+	workers_stop(d);
 	if (d->open_slot >= 0)
 		mtlzd_slot_release(&d->slots[d->open_slot]);
 	rd_kafka_consumer_close(d->consumer);
@@ -945,6 +1137,7 @@ int mtlzd_run(struct mtlzd *d)
 
 void mtlzd_destroy(struct mtlzd *d)
 {
+	workers_stop(d);  /* first: the infer thread waits for filled slots */
 	atomic_store(&d->infer_stop, 1);
 	pthread_mutex_lock(&d->lock);
 	pthread_cond_broadcast(&d->cond_ready);
@@ -957,26 +1150,36 @@ void mtlzd_destroy(struct mtlzd *d)
 	/* what slots hold (dead-letter copies, headers) */
 	for (int i = 0; i < MTLZD_SLOTS; i++)
 		mtlzd_slot_release(&d->slots[i]);
-	if (d->consumer)
-		rd_kafka_destroy(d->consumer);
+	/* the producer first: its last delivery reports (after a fatal stop)
+	 * store offsets through the consumer handle, which must still exist
+	 * (closed: the store fails harmlessly) */
 	if (d->producer) {
 		rd_kafka_flush(d->producer, 5000);
 		rd_kafka_destroy(d->producer);
 	}
+	if (d->consumer)
+		rd_kafka_destroy(d->consumer);
 	for (int i = 0; i < MTLZD_SLOTS; i++) {
 		free(d->slots[i].dead);
 		free(d->slots[i].x);
 		free(d->slots[i].items);
 		free(d->slots[i].out);
+		free(d->slots[i].state);
 	}
-	mtlz_avro_free(d->avro_in);
+	for (int i = 0; i < d->n_workers; i++) {
+		mtlz_avro_free(d->workers[i].avro);
+		mtlz_prep_ws_free(d->workers[i].ws);
+	}
+	free(d->workers);
+	free(d->jobs);
 	mtlz_avro_free(d->avro_out);
 	mtlz_engine_free(d->engine);
 	mtlz_model_free(d->model);
-	mtlz_prep_ws_free(d->prep_ws);
 	mtlz_offsets_free(d->tracker);
 	free(d->txn_pos);
 	pthread_cond_destroy(&d->cond_ready);
 	pthread_cond_destroy(&d->cond_free);
 	pthread_mutex_destroy(&d->lock);
+	pthread_cond_destroy(&d->cond_work);
+	pthread_mutex_destroy(&d->work_lock);
 }

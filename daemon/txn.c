@@ -251,14 +251,11 @@ void mtlzd_txn_rewind(struct mtlzd *d)
 	rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(8);
 	rd_kafka_error_t *e;
 
-	/* the open slot was read past the aborted batch: drop it */
+	/* the open slot was read past the aborted batch: hand it over too (its
+	 * workers may still be filling it); the infer thread drops every slot
+	 * handed over while rewinding */
+	mtlzd_close_open_slot(d);
 	pthread_mutex_lock(&d->lock);
-	if (d->open_slot >= 0) {
-		mtlzd_slot_release(&d->slots[d->open_slot]);
-		d->free_q[d->n_free++] = d->open_slot;
-		d->open_slot = -1;
-	}
-	/* the infer thread drops every slot handed over while rewinding */
 	while (d->busy > 0 && !atomic_load(&d->fatal))
 		pthread_cond_wait(&d->cond_free, &d->lock);
 	for (int p = 0; p < d->n_txn_pos; p++)

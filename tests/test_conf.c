@@ -118,6 +118,7 @@ static void assert_conf_eq(const mtlz_conf *a, const mtlz_conf *b)
 	cr_assert_eq(a->engine_threads, b->engine_threads);
 	cr_assert_eq(a->engine_mc_samples, b->engine_mc_samples);
 	cr_assert_eq(a->engine_seed, b->engine_seed);
+	cr_assert_str_eq(a->engine_precision, b->engine_precision);
 	cr_assert_eq(a->batch_max_size, b->batch_max_size);
 	cr_assert_eq(a->batch_max_delay_ms, b->batch_max_delay_ms);
 	cr_assert_eq(a->preprocess_threads, b->preprocess_threads);
@@ -146,9 +147,10 @@ static void assert_defaults(const mtlz_conf *c)
 	cr_assert_eq(c->engine_threads, 0);
 	cr_assert_eq(c->engine_mc_samples, 100);
 	cr_assert_eq(c->engine_seed, 42);
+	cr_assert_str_eq(c->engine_precision, "fp32");
 	cr_assert_eq(c->batch_max_size, 64);
 	cr_assert_eq(c->batch_max_delay_ms, 50);
-	cr_assert_eq(c->preprocess_threads, 1);
+	cr_assert_eq(c->preprocess_threads, 0);
 	cr_assert_str_eq(c->preprocess_mask_bits, "");
 	cr_assert_str_eq(c->delivery_guarantee, "at_least_once");
 	cr_assert_str_eq(c->delivery_transactional_id, "");
@@ -402,7 +404,9 @@ Test(conf, enum_value_outside_list_is_error_listing_values)
 	expect_err("input.framing = 'avro'",
 		   "auto, confluent, single_object, container");
 	cr_assert_eq(load_text("engine:\n  kind: gpu\n"), MTLZ_ERR_INVALID);
-	expect_err("engine.kind = 'gpu'", "cpu, cuda");
+	expect_err("engine.kind = 'gpu'", "cpu, cuda, auto");
+	cr_assert_eq(load_text("engine:\n  precision: fp16\n"), MTLZ_ERR_INVALID);
+	expect_err("engine.precision = 'fp16'", "fp32, tf32");
 	cr_assert_eq(load_text("output:\n  framing: auto\n"), MTLZ_ERR_INVALID);
 	expect_err("output.framing = 'auto'", "single_object, confluent, container");
 }
@@ -685,6 +689,27 @@ Test(conf, validate_accepts_exactly_once_without_transactional_id)
 	cr_assert_str_eq(conf.delivery_transactional_id, "");
 }
 
+Test(conf, validate_tf32_needs_a_cuda_capable_engine_kind)
+{
+	cr_assert_eq(validate_with("engine.precision=tf32"), MTLZ_ERR_INVALID);
+	expect_err("engine.precision = tf32", "engine.kind cuda or auto");
+	cr_assert_eq(validate_with("engine.kind=auto"), MTLZ_OK, "%s", err);
+	cr_assert_eq(validate_with("engine.kind=cuda"), MTLZ_OK, "%s", err);
+	cr_assert_eq(validate_with("engine.precision=fp32"), MTLZ_OK, "%s", err);
+	cr_assert_eq(validate_with("engine.kind=cpu"), MTLZ_OK, "%s", err);
+}
+
+Test(conf, preprocess_threads_zero_means_automatic)
+{
+	cr_assert_eq(validate_with("preprocess.threads=0"), MTLZ_OK, "%s", err);
+	cr_assert_eq(conf.preprocess_threads, 0);
+	cr_assert_eq(mtlz_conf_set(&conf, "preprocess.threads=-1", err, sizeof(err)),
+		     MTLZ_ERR_INVALID);
+	expect_err("preprocess.threads", "out of range");
+	cr_assert_eq(mtlz_conf_set(&conf, "preprocess.threads=65", err, sizeof(err)),
+		     MTLZ_ERR_INVALID);
+}
+
 Test(conf, validate_rejects_passthrough_of_owned_properties)
 {
 	cr_assert_eq(validate_with("kafka.consumer.group.id=other"), MTLZ_ERR_INVALID);
@@ -745,6 +770,7 @@ Test(conf, dump_round_trip_keeps_every_value)
 		"engine.threads=1024",
 		"engine.mc_samples=0",
 		"engine.seed=9223372036854775807",
+		"engine.precision=tf32",
 		"batch.max_size=4096",
 		"batch.max_delay_ms=0",
 		"preprocess.threads=64",

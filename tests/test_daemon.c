@@ -14,6 +14,11 @@
  *   - a broker outage (down, up) and injected request errors are survived;
  *   - a daemon joining mid-stream (rebalance with batches in flight) loses
  *     nothing;
+ *   - preprocess.threads = 4: every input gets one result or dead letter,
+ *     results of a partition come out (and are committed) in input order
+ *     although the workers finish out of order, every offset is committed;
+ *   - an engine error is retried once; a persistent one stops the daemon
+ *     with exit 1 and a restart loses nothing (MTLZ_FAULT_ENGINE);
  *   - exactly_once: one transaction per batch (dead letters included), an
  *     abortable error aborts and rewinds, a fenced instance stops; and,
  *     against a real cluster only (MTLZ_TEST_KAFKA_BROKERS), kill -9 then
@@ -703,8 +708,240 @@ Test(daemon, configuration_errors_exit_2_naming_the_key)
 		     "the message names the key");
 	cr_assert_eq(count_in_log("err", "bad.yaml:2:", NULL, NULL), 1,
 		     "and the file and line");
+	snprintf(cmd, sizeof(cmd), DAEMON " --config %s --set engine.precision=tf32 2>%s/err2.log",
+		 config, dir);
+	cr_assert_eq(WEXITSTATUS(system(cmd)), 2, "tf32 is a CUDA option");
+	cr_assert_eq(count_in_log("err2", "engine.precision = tf32", NULL, NULL), 1);
 	snprintf(cmd, sizeof(cmd), DAEMON " --config %s --check-config >/dev/null 2>&1", config);
 	cr_assert_eq(WEXITSTATUS(system(cmd)), 0);
+}
+
+/* ---- preprocess workers ---------------------------------------------- */
+
+/* Produces n_good spectra (two fixtures, alternating) with a junk message
+ * (dead letter "framing") after every fourth, spread over the partitions
+ * at random: workers finish a cheap junk message long before the spectra
+ * queued ahead of it. Returns the number of junk messages. */
+static int produce_mix(int n_good)
+{
+	rd_kafka_t *p = client(RD_KAFKA_PRODUCER, NULL);
+	mtlz_spectra a = { 0 }, b = { 0 };
+	mtlz_avro *av;
+	char err[512];
+	int n_bad = 0;
+
+	av = mtlz_avro_new(MTLZ_SOURCE_DIR "/schemas", NULL, err, sizeof(err));
+	cr_assert_not_null(av, "%s", err);
+	cr_assert_eq(mtlz_fits_read(DATA "/spec-0266-51602-0001.fits", &a, err, sizeof(err)), 0);
+	cr_assert_eq(mtlz_fits_read(DATA "/coadd-4-80613.fits", &b, err, sizeof(err)), 0);
+	for (int i = 0; i < n_good; i++) {
+		mtlz_spectrum *s = i % 2 ? &b.v[0] : &a.v[0];
+		size_t len;
+		uint8_t *buf;
+
+		/* keyed: spread over the partitions (NULL keys stick to one) */
+		snprintf(s->spec_id, sizeof(s->spec_id), "mix-%d", i);
+		buf = encode(av, s, &len);
+		cr_assert_eq(rd_kafka_producev(p, RD_KAFKA_V_TOPIC(in_topic),
+					       RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+					       RD_KAFKA_V_KEY(s->spec_id, strlen(s->spec_id)),
+					       RD_KAFKA_V_VALUE(buf, len), RD_KAFKA_V_END), 0);
+		free(buf);
+		if (i % 4 == 3) {
+			cr_assert_eq(rd_kafka_producev(p, RD_KAFKA_V_TOPIC(in_topic),
+						       RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+						       RD_KAFKA_V_KEY(s->spec_id, strlen(s->spec_id)),
+						       RD_KAFKA_V_VALUE("junk, not avro", 14),
+						       RD_KAFKA_V_END), 0);
+			n_bad++;
+		}
+	}
+	cr_assert_eq(rd_kafka_flush(p, 10000), 0);
+	rd_kafka_destroy(p);
+	mtlz_spectra_free(&a);
+	mtlz_spectra_free(&b);
+	mtlz_avro_free(av);
+	return n_bad;
+}
+
+/* Reads the result topic with our own consumer until `want` records or
+ * `idle` s without one. Per (output partition, source partition) the
+ * source offsets must increase: *n_disorder counts those that do not.
+ * Returns the number of records; distinct sources in *distinct. */
+static int read_results_in_order(int want, int idle, int *distinct, int *n_disorder)
+{
+	rd_kafka_t *c = client(RD_KAFKA_CONSUMER, "order-reader");
+	rd_kafka_topic_partition_list_t *sub = rd_kafka_topic_partition_list_new(1);
+	static int64_t last[64][4];
+	static char seen[4][4096];
+	mtlz_avro *av;
+	char err[512];
+	int n = 0;
+
+	av = mtlz_avro_new(MTLZ_SOURCE_DIR "/schemas", NULL, err, sizeof(err));
+	cr_assert_not_null(av, "%s", err);
+	memset(seen, 0, sizeof(seen));
+	for (int i = 0; i < 64; i++)
+		for (int k = 0; k < 4; k++)
+			last[i][k] = -1;
+	*distinct = *n_disorder = 0;
+	rd_kafka_poll_set_consumer(c);
+	rd_kafka_topic_partition_list_add(sub, out_topic, RD_KAFKA_PARTITION_UA);
+	rd_kafka_subscribe(c, sub);
+	rd_kafka_topic_partition_list_destroy(sub);
+	for (double t = mtlz_now(); n < want && mtlz_now() - t < idle;) {
+		rd_kafka_message_t *m = rd_kafka_consumer_poll(c, 200);
+		mtlz_result_rec r;
+		int sp;
+
+		if (!m)
+			continue;
+		if (m->err) {
+			rd_kafka_message_destroy(m);
+			continue;
+		}
+		cr_assert_eq(mtlz_avro_decode_result(av, m->payload, m->len, &r, err, sizeof(err)),
+			     0, "%s", err);
+		sp = r.source_partition;
+		cr_assert(sp >= 0 && sp < 4 && m->partition >= 0 && m->partition < 64 &&
+			  r.source_offset >= 0 && r.source_offset < 4096);
+		if (r.source_offset <= last[m->partition][sp])
+			(*n_disorder)++;
+		last[m->partition][sp] = r.source_offset;
+		if (!seen[sp][r.source_offset]) {
+			seen[sp][r.source_offset] = 1;
+			(*distinct)++;
+		}
+		n++;
+		t = mtlz_now();
+		rd_kafka_message_destroy(m);
+	}
+	rd_kafka_consumer_close(c);
+	rd_kafka_destroy(c);
+	mtlz_avro_free(av);
+	return n;
+}
+
+/* The daemon group's committed offset of every input partition equals its
+ * end: everything read was committed, nothing skipped. Returns how many
+ * partitions fall short. */
+static int partitions_not_fully_committed(int64_t *n_total)
+{
+	rd_kafka_t *c = client(RD_KAFKA_CONSUMER, "mtlzd-test");
+	rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(4);
+	int short_ = 0;
+
+	*n_total = 0;
+	for (int p = 0; p < 4; p++)
+		rd_kafka_topic_partition_list_add(l, in_topic, p);
+	cr_assert_eq(rd_kafka_committed(c, l, 10000), 0);
+	for (int i = 0; i < l->cnt; i++) {
+		int64_t lo, hi;
+
+		cr_assert_eq(rd_kafka_query_watermark_offsets(c, in_topic, l->elems[i].partition,
+							      &lo, &hi, 10000), 0);
+		*n_total += hi - lo;
+		if (hi > lo && l->elems[i].offset != hi) {
+			cr_log_warn("partition %d: committed %lld, end %lld",
+				    l->elems[i].partition, (long long)l->elems[i].offset,
+				    (long long)hi);
+			short_++;
+		}
+	}
+	rd_kafka_topic_partition_list_destroy(l);
+	rd_kafka_destroy(c);
+	return short_;
+}
+
+Test(daemon, preprocess_workers_give_every_input_one_outcome_and_commit_all)
+{
+	static const char *const names[] = { "framing" };
+	static const char *const sets[] = { "preprocess.threads=4", NULL };
+	pid_t d = start_daemon_v("mtlzd", NULL, sets);
+	int distinct, n, n_bad, got[1] = { 0 };
+	int64_t n_in;
+
+	sleep(4);
+	n_bad = produce_mix(80);
+	n = read_results(81, 8, &distinct);
+	cr_assert_eq(n, 80, "results: %d (see %s)", n, dir);
+	cr_assert_eq(distinct, 80);
+	cr_assert_eq(read_dead_letters(n_bad, names, 1, got), n_bad);
+	cr_assert_eq(got[0], n_bad);
+	kill(d, SIGTERM);
+	cr_assert_eq(wait_exit(d, 60), 0, "clean stop exits 0");
+	cr_assert_eq(count_in_log("mtlzd", "preprocess_threads=4", NULL, NULL), 1);
+	cr_assert_eq(partitions_not_fully_committed(&n_in), 0, "see %s", dir);
+	cr_assert_eq(n_in, 80 + n_bad);
+}
+
+Test(daemon, preprocess_workers_keep_each_partitions_results_in_input_order)
+{
+	/* batches of 4 close while workers are still filling them: ordering
+	 * must come from the slot positions, not from who finishes first */
+	static const char *const sets[] = { "preprocess.threads=4", "batch.max_size=4",
+					    "engine.kind=auto", NULL };
+	pid_t d = start_daemon_v("mtlzd", NULL, sets);
+	int distinct, n, disorder;
+
+	sleep(4);
+	produce_mix(60);
+	replay(40, "single_object");
+	n = read_results_in_order(100, 10, &distinct, &disorder);
+	cr_assert_eq(n, 100, "results: %d (see %s)", n, dir);
+	cr_assert_eq(distinct, 100);
+	cr_assert_eq(disorder, 0, "%d results out of input order (see %s)", disorder, dir);
+	kill(d, SIGTERM);
+	cr_assert_eq(wait_exit(d, 60), 0);
+	/* engine.kind auto says what it chose, and the engine warmed up */
+	cr_assert_eq(count_in_log("mtlzd", "(engine auto: ", NULL, NULL), 1, "see %s", dir);
+	cr_assert_eq(count_in_log("mtlzd", "event=warmup", NULL, "event=ready"), 1);
+}
+
+/* ---- engine errors (MTLZ_FAULT_ENGINE, core/engine_reg.c) -------------- */
+
+Test(daemon, engine_error_is_retried_once_and_nothing_is_lost)
+{
+	char env[] = "MTLZ_FAULT_ENGINE=2";
+	char *extra[] = { env, NULL };
+	pid_t d = start_daemon("mtlzd", extra, NULL);
+	int distinct, n;
+
+	replay(40, "single_object");
+	n = read_results(41, 8, &distinct);
+	cr_assert_eq(n, 40, "results: %d (see %s)", n, dir);
+	cr_assert_eq(distinct, 40);
+	kill(d, SIGTERM);
+	cr_assert_eq(wait_exit(d, 60), 0, "a retried error is not fatal");
+	cr_assert_eq(count_in_log("mtlzd", "event=engine_error", NULL, NULL), 1, "see %s", dir);
+	cr_assert_eq(count_in_log("mtlzd", "event=engine_error engine=cpu attempt=1 ", NULL, NULL),
+		     1);
+	cr_assert_eq(count_in_log("mtlzd", "injected fault (MTLZ_FAULT_ENGINE=2, call 2)", NULL,
+				  NULL), 1, "the error says what failed");
+}
+
+Test(daemon, persistent_engine_error_exits_1_and_restart_loses_nothing)
+{
+	char env[] = "MTLZ_FAULT_ENGINE=3+";
+	char *extra[] = { env, NULL };
+	pid_t d = start_daemon("mtlzd", extra, "batch.max_delay_ms=200");
+	int distinct, n, rc;
+
+	replay(40, "single_object");
+	rc = wait_exit(d, 60);
+	cr_assert_eq(rc, 1, "exit code %d (see %s)", rc, dir);
+	cr_assert_eq(count_in_log("mtlzd", "event=engine_error engine=cpu attempt=1 ", NULL, NULL),
+		     1, "see %s", dir);
+	cr_assert_eq(count_in_log("mtlzd", "event=engine_error engine=cpu attempt=2 ", NULL, NULL),
+		     1);
+	cr_assert_eq(count_in_log("mtlzd", "event=exit code=1", NULL, NULL), 1);
+	/* the two batches before the failure came out; the restart does the rest */
+	d = start_daemon("mtlzd2", NULL, NULL);
+	n = read_results(1000, 10, &distinct);
+	cr_assert_eq(distinct, 40, "every input has a result (%d rows, %d distinct, %s)", n,
+		     distinct, dir);
+	kill(d, SIGTERM);
+	cr_assert_eq(wait_exit(d, 60), 0);
 }
 
 /* ---- exactly_once, as far as the dev broker can show it --------------
