@@ -42,11 +42,18 @@ if [ -n "${TRAIN:-}" ]; then
 		--seconds 3 --model .devrun/model.safetensors 2>&1 | grep -v '^#' | tee "$OUT/train.log"
 	timeout 60 python3 bench/torch_train.py --device cuda --batch 128 --seconds 3 \
 		--model .devrun/model.safetensors 2>&1 | tee -a "$OUT/train.log"
+fi
+if [ -n "${TRAIN_RETRAIN:-}" ]; then
 	echo "== mtlz-retrain --engine cuda on a synthetic archive"
 	rm -rf /tmp/synth && timeout 90 .devrun/tools/mtlz synth -n "${SYNTH_N:-6000}" --seed 7 \
 		--threads 16 --per-file 500 --ssp-dir data/emiles-ssp -o /tmp/synth 2>&1 | tail -2
 	timeout 150 .devrun/tools/mtlz-retrain --data /tmp/synth -o /tmp/synth.safetensors \
 		--epochs "${EPOCHS:-3}" --engine cuda --threads 16 2>&1 | tail -8 | tee -a "$OUT/train.log"
+fi
+if [ -n "${E2E:-}" ]; then
+	echo "== daemon end to end through the dev broker (engine cuda)"
+	B=.devrun ENGINE=cuda EXTRA="${E2E_EXTRA:-}" timeout 200 bench/e2e.sh 4000 16 100 200 2>&1 |
+		tee "$OUT/e2e.log"
 fi
 if [ -n "${PRETRAIN:-}" ]; then
 	echo "== pretraining on ${PRETRAIN_N:-60000} synthetic spectra with the CUDA trainer"
@@ -57,8 +64,4 @@ if [ -n "${PRETRAIN:-}" ]; then
 		-o "$OUT/synth-gpu.safetensors" --epochs "${PRETRAIN_EPOCHS:-40}" --engine cuda \
 		--threads 16 --seed 1 2>&1 | tail -14 | tee "$OUT/pretrain.log"
 	echo "mtlz-retrain wall $((SECONDS - s0)) s" | tee -a "$OUT/pretrain.log"
-fi
-if [ -n "${E2E:-}" ]; then
-	echo "== daemon end to end through the dev broker (engine cuda)"
-	B=.devrun ENGINE=cuda timeout 200 bench/e2e.sh 4000 16 100 200 2>&1 | tee "$OUT/e2e.log"
 fi
