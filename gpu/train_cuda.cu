@@ -67,7 +67,6 @@ struct mtlz_cuda_trainer {
 	struct thead head[2];
 	float *x, *X[MTLZ_MAX_BLOCKS + 1], *R1[MTLZ_MAX_BLOCKS], *Y2[MTLZ_MAX_BLOCKS];
 	float *z, *dA, *dB, *tmpw, *ones;
-	size_t tmpw_n;      /* floats in tmpw: split-K partial sums of dW */
 	float *gap, *ah, *as, *feat, *mask, *dfeat, *dg, *dh0, *dh1, *da2, *dha, *dlog, *dmet;
 	float *h_out, *h_dlog, *h_dmet, *h_mask; /* pinned */
 	/* MTLZ_CUDA_PROFILE=1: device time of the forward and the backward */
@@ -113,12 +112,11 @@ __global__ void k_pool_fwd(const float *__restrict__ Y2, int B, int l2, int lp, 
 			   int C, int pad, float *__restrict__ P)
 {
 	const int rows = lp + 2 * pad, yrows = l2 + 2 * pad;
-	const int e = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y;
-	const size_t idx = (size_t)b * rows * C + e;
+	const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
 
-	if (e >= rows * C)
+	if (idx >= (size_t)B * rows * C)
 		return;
-	const int c = e % C, r = e / C;
+	const int c = (int)(idx % C), r = (int)((idx / C) % rows), b = (int)(idx / ((size_t)C * rows));
 	const int q = r - pad;
 	float v = 0.0f;
 
@@ -138,12 +136,11 @@ __global__ void k_pool_bwd(const float *__restrict__ dP, int dp_rows,
 			   const float *__restrict__ Y2, int l2, int lp, int pool, int C, int pad,
 			   int B, int rows, float *__restrict__ dY)
 {
-	const int e = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y;
-	const size_t idx = (size_t)b * rows * C + e;
+	const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
 
-	if (e >= rows * C)
+	if (idx >= (size_t)B * rows * C)
 		return;
-	const int c = e % C, t = e / C;
+	const int c = (int)(idx % C), t = (int)((idx / C) % rows), b = (int)(idx / ((size_t)C * rows));
 	const int q = t / pool;
 	float v = 0.0f;
 
@@ -166,12 +163,12 @@ __global__ void k_gather(const float *__restrict__ P, int B, int rp, int k, int 
 			 int n_out, const float *__restrict__ mask, int out_rows,
 			 float *__restrict__ out)
 {
-	const int e = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y;
-	const size_t idx = (size_t)b * out_rows * C + e;
+	const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
 
-	if (e >= out_rows * C)
+	if (idx >= (size_t)B * out_rows * C)
 		return;
-	const int c = e % C, t = e / C;
+	const int c = (int)(idx % C), t = (int)((idx / C) % out_rows),
+		  b = (int)(idx / ((size_t)C * out_rows));
 	float v = 0.0f;
 
 	if (t < n_out && (!mask || mask[((size_t)b * rp + pad + t) * C + c] > 0.0f))
@@ -184,8 +181,8 @@ __global__ void k_gather(const float *__restrict__ P, int B, int rp, int k, int 
 	out[idx] = v;
 }
 
-/* grad[ow + (co*cin + ci)*k + j] = sum_s T[j][s][co][ci] (S split-K partials) */
-__global__ void k_scatter_dw(const float *__restrict__ T, int cin, int cout, int k, int S,
+/* grad[ow + (co*cin + ci)*k + j] = T[j][co][ci] */
+__global__ void k_scatter_dw(const float *__restrict__ T, int cin, int cout, int k,
 			     float *__restrict__ g)
 {
 	const int idx = blockIdx.x * blockDim.x + threadIdx.x;
@@ -193,13 +190,8 @@ __global__ void k_scatter_dw(const float *__restrict__ T, int cin, int cout, int
 	if (idx >= cout * cin * k)
 		return;
 	const int j = idx % k, ci = (idx / k) % cin, co = idx / (k * cin);
-	const size_t nw = (size_t)cout * cin;
-	const float *p = T + (size_t)j * S * nw + (size_t)co * cin + ci;
-	float v = 0.0f;
 
-	for (int s = 0; s < S; s++)
-		v += p[(size_t)s * nw];
-	g[idx] = v;
+	g[idx] = T[((size_t)j * cout + co) * cin + ci];
 }
 
 /* as = sigmoid(as + b2); feat = gap * as */
@@ -252,13 +244,13 @@ __global__ void k_att_bwd(const float *__restrict__ dfeat, const float *__restri
 __global__ void k_gap_bwd(const float *__restrict__ dg, int B, int Lf, int rows, int C,
 			  float *__restrict__ dP)
 {
-	const int e = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y;
+	const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
 
-	if (e >= rows * C)
+	if (idx >= (size_t)B * rows * C)
 		return;
-	const int c = e % C, q = e / C;
+	const int c = (int)(idx % C), q = (int)((idx / C) % rows), b = (int)(idx / ((size_t)C * rows));
 
-	dP[(size_t)b * rows * C + e] = q < Lf ? dg[(size_t)b * C + c] / (float)Lf : 0.0f;
+	dP[idx] = q < Lf ? dg[(size_t)b * C + c] / (float)Lf : 0.0f;
 }
 
 /* ------------------------------------------------------------------ setup */
@@ -277,14 +269,6 @@ static long offset_of(const mtlz_model *m, const char *name)
 		off += t->n;
 	}
 	return -1;
-}
-
-/* dW = dY^T X_j is a GEMM with a tiny output (cin x cout) and a huge inner
- * dimension (every row of the batch): split the rows into this many chunks
- * (one strided-batched GEMM), then add the partial sums. */
-static int split_k(int rows)
-{
-	return MTLZ_MAX(1, MTLZ_MIN(128, rows / 4096));
 }
 
 #define DALLOC(ptr, count) CU_TRY(cudaMalloc((void **)&(ptr), (size_t)(count) * sizeof(float)))
@@ -307,9 +291,7 @@ static int alloc_all(struct mtlz_cuda_trainer *t, char *errstr, size_t errstr_si
 		zmax = MTLZ_MAX(zmax, (size_t)t->rp1[b] * k * c);
 		dmax = MTLZ_MAX(dmax, (size_t)MTLZ_MAX(t->rp0[b], t->rp1[b]) * MTLZ_MAX(c, cin));
 		rmax = MTLZ_MAX(rmax, (size_t)MTLZ_MAX(t->rp0[b], t->rp1[b]));
-		/* conv1 (cin x c) and conv2 (c x c), split-K partials */
-		wmax = MTLZ_MAX(wmax, (size_t)split_k(B * t->rp0[b]) * k * c * cin);
-		wmax = MTLZ_MAX(wmax, (size_t)split_k(B * t->rp1[b]) * k * c * c);
+		wmax = MTLZ_MAX(wmax, (size_t)k * c * MTLZ_MAX(c, cin)); /* conv2: c x c */
 		for (int j = 0; j < 2; j++) {
 			struct tconv *cv = &t->conv[2 * b + j];
 
@@ -323,7 +305,6 @@ static int alloc_all(struct mtlz_cuda_trainer *t, char *errstr, size_t errstr_si
 	DALLOC(t->dA, (size_t)B * dmax);
 	DALLOC(t->dB, (size_t)B * dmax);
 	DALLOC(t->tmpw, wmax);
-	t->tmpw_n = wmax;
 	DALLOC(t->ones, (size_t)B * rmax);
 	mtlz_cu_fill(t->ones, (size_t)B * rmax, 1.0f, t->st);
 	DALLOC(t->gap, (size_t)B * t->C);
@@ -514,8 +495,6 @@ extern "C" const char *mtlz_cuda_trainer_describe(const struct mtlz_cuda_trainer
 /* ------------------------------------------------------------------ step */
 
 #define GRID(n) mtlz_blocks((size_t)(n), TPB), TPB, 0, t->st
-/* per-spectrum element grids: x over one spectrum's elements, y over the batch */
-#define GRID2(per, B) dim3(mtlz_blocks((size_t)(per), TPB), (B)), TPB, 0, t->st
 
 /* rows x in -> rows x out, Y = X W^T (+ bias, ReLU unless last) */
 static int linear(struct mtlz_cuda_trainer *t, const float *X, int rows, int in, size_t ow,
@@ -564,30 +543,14 @@ static int conv_bwd(struct mtlz_cuda_trainer *t, const struct tconv *cv, const f
 		    const float *dY, int rows, float *dX, int n_out, const float *mask,
 		    char *errstr, size_t errstr_size)
 {
-	const int k = t->k, M = t->B * rows - (k - 1), S = split_k(t->B * rows);
-	const int chunk = M / S, rest = M - S * chunk;
+	const int k = t->k, M = t->B * rows - (k - 1);
 	const size_t nw = (size_t)cv->cout * cv->cin;
 
-	if ((size_t)S * k * nw > t->tmpw_n)
-		return mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID,
-				"cuda trainer: dW scratch too small (%zu < %zu)", t->tmpw_n,
-				(size_t)S * k * nw);
-	for (int j = 0; j < k; j++) {
-		float *T = t->tmpw + (size_t)j * S * nw;
-
-		/* partial s: rows [s*chunk, (s+1)*chunk) */
-		BLAS_TRY(cublasSgemmStridedBatched(t->blas, CUBLAS_OP_N, CUBLAS_OP_T, cv->cin,
-						   cv->cout, chunk, &one, X + (size_t)j * cv->cin,
-						   cv->cin, (long long)chunk * cv->cin, dY, cv->cout,
-						   (long long)chunk * cv->cout, &zero, T, cv->cin,
-						   (long long)nw, S));
-		if (rest)   /* the last rows, into partial 0 */
-			BLAS_TRY(cublasSgemm(t->blas, CUBLAS_OP_N, CUBLAS_OP_T, cv->cin, cv->cout, rest,
-					     &one, X + ((size_t)S * chunk + j) * cv->cin, cv->cin,
-					     dY + (size_t)S * chunk * cv->cout, cv->cout, &one, T,
-					     cv->cin));
-	}
-	k_scatter_dw<<<GRID(nw * k)>>>(t->tmpw, cv->cin, cv->cout, k, S, t->g + cv->ow);
+	for (int j = 0; j < k; j++)
+		BLAS_TRY(cublasSgemm(t->blas, CUBLAS_OP_N, CUBLAS_OP_T, cv->cin, cv->cout, M, &one,
+				     X + (size_t)j * cv->cin, cv->cin, dY, cv->cout, &zero,
+				     t->tmpw + j * nw, cv->cin));
+	k_scatter_dw<<<GRID(nw * k)>>>(t->tmpw, cv->cin, cv->cout, k, t->g + cv->ow);
 	LAUNCH_TRY("scatter_dw");
 	BLAS_TRY(cublasSgemv(t->blas, CUBLAS_OP_N, cv->cout, t->B * rows, &one, dY, cv->cout,
 			     t->ones, 1, &zero, t->g + cv->ob, 1));
@@ -595,7 +558,7 @@ static int conv_bwd(struct mtlz_cuda_trainer *t, const struct tconv *cv, const f
 		return MTLZ_OK;
 	BLAS_TRY(cublasSgemm(t->blas, CUBLAS_OP_N, CUBLAS_OP_N, k * cv->cin, t->B * rows, cv->cout,
 			     &one, cv->wt, k * cv->cin, dY, cv->cout, &zero, t->z, k * cv->cin));
-	k_gather<<<GRID2(rows * cv->cin, t->B)>>>(t->z, t->B, rows, k, cv->cin, t->pad,
+	k_gather<<<GRID((size_t)t->B * rows * cv->cin)>>>(t->z, t->B, rows, k, cv->cin, t->pad,
 							   n_out, mask, rows, dX);
 	LAUNCH_TRY("gather");
 	return MTLZ_OK;
@@ -653,7 +616,7 @@ extern "C" int mtlz_cuda_trainer_step(struct mtlz_cuda_trainer *t, const float *
 			if ((rc = conv_fwd(t, c2, t->R1[b], t->rp1[b], t->l2[b], t->Y2[b], errstr,
 					   errstr_size)))
 				goto out;
-			k_pool_fwd<<<GRID2((t->len[b + 1] + 2 * pad) * c2->cout, B)>>>(
+			k_pool_fwd<<<GRID((size_t)B * (t->len[b + 1] + 2 * pad) * c2->cout)>>>(
 				t->Y2[b], B, t->l2[b], t->len[b + 1], t->pool, c2->cout, pad, t->X[b + 1]);
 			LAUNCH_TRY("pool_fwd");
 		}
@@ -748,13 +711,13 @@ extern "C" int mtlz_cuda_trainer_step(struct mtlz_cuda_trainer *t, const float *
 		}
 		{
 			dp_rows = t->len[nb] + 2 * pad;
-			k_gap_bwd<<<GRID2(dp_rows * C, B)>>>(t->dg, B, t->len[nb], dp_rows, C, dP);
+			k_gap_bwd<<<GRID((size_t)B * dp_rows * C)>>>(t->dg, B, t->len[nb], dp_rows, C, dP);
 			LAUNCH_TRY("gap_bwd");
 			for (int b = nb - 1; b >= 0; b--) {
 				const struct tconv *c1 = &t->conv[2 * b], *c2 = &t->conv[2 * b + 1];
 				const int c = c2->cout;
 
-				k_pool_bwd<<<GRID2(t->rp1[b] * c, B)>>>(dP, dp_rows, t->Y2[b],
+				k_pool_bwd<<<GRID((size_t)B * t->rp1[b] * c)>>>(dP, dp_rows, t->Y2[b],
 					t->l2[b], t->len[b + 1], t->pool, c, pad, B, t->rp1[b], dY);
 				LAUNCH_TRY("pool_bwd");
 				/* conv2: input R1; its dX is conv1's output gradient (ReLU mask R1) */
