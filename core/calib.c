@@ -20,9 +20,13 @@ int mtlz_calib_collect(mtlz_trainer *t, int batch, const mtlz_dataset *d, const 
 
 	if (batch < 1)
 		return mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID, "calibration: batch < 1");
+	if (mtlz_trainer_n_classes(t) != MTLZ_N_CLASSES)
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID,
+				"calibration: the model has %d classes, the labelled archives %d",
+				mtlz_trainer_n_classes(t), MTLZ_N_CLASSES);
 	x = malloc((size_t)batch * (size_t)d->L * sizeof(float));
 	oh = malloc((size_t)batch * sizeof(float));
-	logits = malloc((size_t)batch * 4 * sizeof(float));
+	logits = malloc((size_t)batch * MTLZ_N_CLASSES * sizeof(float));
 	metal = malloc((size_t)batch * sizeof(float));
 	cls = malloc((size_t)batch * sizeof(int));
 	if (!x || !oh || !logits || !metal || !cls) {
@@ -55,8 +59,8 @@ int mtlz_calib_collect(mtlz_trainer *t, int batch, const mtlz_dataset *d, const 
 			memset(e, 0, sizeof(*e));
 			e->true_cls = d->cls[r] >= 0 && d->cls[r] < MTLZ_N_CLASSES ? d->cls[r] :
 										      MTLZ_CLASS_NONE;
-			for (int k = 0; k < 4; k++)
-				e->logit[k] = logits[i * 4 + k];
+			for (int k = 0; k < MTLZ_N_CLASSES; k++)
+				e->logit[k] = logits[i * MTLZ_N_CLASSES + k];
 			e->oh_true = d->oh[r];
 			e->oh_pred = metal[i];
 			e->oh_sigma = NAN;

@@ -29,7 +29,8 @@ struct mtlz_engine {
 	int has_model;
 	int input_length;
 	mtlz_engine_stats stats;
-	char desc[512];     /* "auto" engines: the backend's line + the choice */
+	char auto_note[300];/* "auto" engines: the choice and why */
+	char desc[640];     /* the backend's line + auto_note, built by describe() */
 	long n_runs;        /* run() calls with n > 0, for MTLZ_FAULT_ENGINE */
 };
 
@@ -97,8 +98,7 @@ mtlz_engine *mtlz_engine_new(const mtlz_engine_opts *opts, char *errstr,
 			o.kind = "cuda";
 			e = mtlz_engine_new(&o, why, sizeof(why));
 			if (e) {
-				snprintf(e->desc, sizeof(e->desc), "%s (engine auto: GPU found)",
-					 e->be->describe(e->ctx));
+				snprintf(e->auto_note, sizeof(e->auto_note), "engine auto: GPU found");
 				return e;
 			}
 		}
@@ -106,8 +106,7 @@ mtlz_engine *mtlz_engine_new(const mtlz_engine_opts *opts, char *errstr,
 		o.precision = NULL;
 		e = mtlz_engine_new(&o, errstr, errstr_size);
 		if (e)
-			snprintf(e->desc, sizeof(e->desc), "%s (engine auto: no GPU: %s)",
-				 e->be->describe(e->ctx), why);
+			snprintf(e->auto_note, sizeof(e->auto_note), "engine auto: no GPU: %.260s", why);
 		return e;
 	}
 	be = mtlz_engine_backend_find(kind);
@@ -203,9 +202,14 @@ const char *mtlz_engine_name(const mtlz_engine *e) { return e->be->name; }
 
 const char *mtlz_engine_describe(const mtlz_engine *e)
 {
-	if (e->desc[0])
-		return e->desc;
-	return e->be->describe ? e->be->describe(e->ctx) : e->be->name;
+	const char *line = e->be->describe ? e->be->describe(e->ctx) : e->be->name;
+
+	if (!e->auto_note[0])
+		return line;
+	/* rebuilt on each call: the backend's line grows once a model is set
+	 * (the CUDA engine's convolution choices) */
+	snprintf(((mtlz_engine *)e)->desc, sizeof(e->desc), "%s (%s)", line, e->auto_note);
+	return e->desc;
 }
 
 float *mtlz_engine_input_buffer(mtlz_engine *e)
@@ -233,10 +237,18 @@ int mtlz_engine_warmup(mtlz_engine *e, int mc_samples, char *errstr, size_t errs
 	/* a flat continuum with a wiggle: finite, non-trivial features */
 	for (size_t i = 0; i < (size_t)B * L; i++)
 		x[i] = 1.0f + 0.1f * sinf((float)(i % (size_t)L) * 0.01f);
-	for (int n = 1; rc == MTLZ_OK; n = n < B && n * 2 > B ? B : n * 2) {
-		rc = e->be->run(e->ctx, x, n, mc_samples, out, errstr, errstr_size);
-		if (n == B)
-			break;
+	/* CUDA: every size up to 64 (each has its own CUDA graph, and the
+	 * daemon's batches closed by max_delay_ms take any size); above that,
+	 * and on the CPU, the powers of two and max_batch */
+	{
+		const int every = strcmp(e->be->name, "cuda") == 0 ? MTLZ_MIN(B, 64) : 1;
+
+		for (int n = 1; rc == MTLZ_OK; n = n < every ? n + 1 :
+				 n < B && n * 2 > B ? B : n * 2) {
+			rc = e->be->run(e->ctx, x, n, mc_samples, out, errstr, errstr_size);
+			if (n == B)
+				break;
+		}
 	}
 	free(x);
 	free(out);

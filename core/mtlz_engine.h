@@ -69,7 +69,8 @@ int mtlz_engine_run(mtlz_engine *e, const float *x, int n, int mc_samples,
  * as x to run() to save a copy. Valid until the next set_model(). */
 float *mtlz_engine_input_buffer(mtlz_engine *e);
 /* Runs one batch of every power-of-two size up to max_batch (and max_batch)
- * with mc passes, so that graphs are captured and kernels loaded before the
+ * with mc passes — on CUDA also every size up to 64, each of which has its
+ * own CUDA graph — so that graphs are captured and kernels loaded before the
  * first real batch. */
 int mtlz_engine_warmup(mtlz_engine *e, int mc_samples, char *errstr, size_t errstr_size);
 const char *mtlz_engine_name(const mtlz_engine *e);

@@ -536,6 +536,14 @@ int mtlz_retrain_run(const mtlz_retrain_opts *o, mtlz_retrain_result *res, char 
 		}
 	}
 	/* ---- trainer and optimiser ---- */
+	if (mtlz_model_arch(m)->n_classes != MTLZ_N_CLASSES) {
+		rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID,
+			      "%s: the model has %d classes; training archives label the "
+			      "paper's %d (passive, star-forming, composite, AGN)",
+			      o->init ? o->init : o->resume ? o->resume : "model",
+			      mtlz_model_arch(m)->n_classes, MTLZ_N_CLASSES);
+		goto out;
+	}
 	t = mtlz_trainer_new_kind(m, B, o->threads > 0 ? o->threads :
 				  (int)sysconf(_SC_NPROCESSORS_ONLN), o->engine, errstr, errstr_size);
 	if (!t || mtlz_adam_init(&adam, mtlz_trainer_n_params(t), o->lr)) {

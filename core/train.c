@@ -128,6 +128,11 @@ size_t mtlz_trainer_n_params(const mtlz_trainer *t)
 	return t->n_p;
 }
 
+int mtlz_trainer_n_classes(const mtlz_trainer *t)
+{
+	return t->a.n_classes;
+}
+
 float *mtlz_trainer_params(mtlz_trainer *t)
 {
 	return t->p;

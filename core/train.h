@@ -62,6 +62,7 @@ mtlz_trainer *mtlz_trainer_new(const mtlz_model *m, int max_batch, int n_threads
 			       char *errstr, size_t errstr_size);
 void mtlz_trainer_free(mtlz_trainer *t);
 size_t mtlz_trainer_n_params(const mtlz_trainer *t);
+int mtlz_trainer_n_classes(const mtlz_trainer *t);
 /* The packed parameters (read/write: the optimiser updates them). */
 float *mtlz_trainer_params(mtlz_trainer *t);
 /* Offset and size of the model tensor `name` in the packed array; -1 if none. */

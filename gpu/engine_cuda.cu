@@ -285,19 +285,19 @@ static void *cuda_init(const mtlz_engine_opts *o, char *errstr, size_t errstr_si
 	    (e = cudaMalloc(&c->blas_ws, 32u << 20)) != cudaSuccess) {
 		mtlz_err(errstr, errstr_size, MTLZ_ERR_IO, "cuda: device %d: %s", dev,
 			 cudaGetErrorString(e));
-		free(c);
-		return NULL;
+		goto fail;
 	}
-	if (cublasCreate(&c->blas) != CUBLAS_STATUS_SUCCESS ||
-	    cublasSetStream(c->blas, c->st) != CUBLAS_STATUS_SUCCESS ||
+	if (cublasCreate(&c->blas) != CUBLAS_STATUS_SUCCESS) {
+		c->blas = NULL;
+		mtlz_err(errstr, errstr_size, MTLZ_ERR_IO, "cuda: cuBLAS initialisation failed");
+		goto fail;
+	}
+	if (cublasSetStream(c->blas, c->st) != CUBLAS_STATUS_SUCCESS ||
 	    cublasSetWorkspace(c->blas, c->blas_ws, 32u << 20) != CUBLAS_STATUS_SUCCESS ||
 	    cublasSetMathMode(c->blas, c->tf32 ? CUBLAS_TF32_TENSOR_OP_MATH :
 					       CUBLAS_PEDANTIC_MATH) != CUBLAS_STATUS_SUCCESS) {
 		mtlz_err(errstr, errstr_size, MTLZ_ERR_IO, "cuda: cuBLAS initialisation failed");
-		cudaStreamDestroy(c->st);
-		cudaFree(c->blas_ws);
-		free(c);
-		return NULL;
+		goto fail;
 	}
 	for (int i = 0; c->profile && i <= MAX_STAGES; i++)
 		cudaEventCreate(&c->ev[i]);
@@ -307,6 +307,15 @@ static void *cuda_init(const mtlz_engine_opts *o, char *errstr, size_t errstr_si
 		 (double)p.totalGlobalMem / (1u << 30), prec, c->graph_max,
 		 c->poison ? " POISON" : "");
 	return c;
+fail:
+	if (c->blas)
+		cublasDestroy(c->blas);
+	if (c->st)
+		cudaStreamDestroy(c->st);
+	cudaFree(c->blas_ws);
+	cudaGetLastError();
+	free(c);
+	return NULL;
 }
 
 /* Per-spectrum sizes of every buffer, from the architecture. */
@@ -610,7 +619,11 @@ static int choose_conv(struct cuda_ctx *c, char *errstr, size_t errstr_size)
 
 	memset(pick, 0, sizeof(pick));
 	CU_TRY(cudaEventCreate(&e0));
-	CU_TRY(cudaEventCreate(&e1));
+	if (cudaEventCreate(&e1) != cudaSuccess) {
+		cudaEventDestroy(e0);
+		CU_TRY(cudaGetLastError());
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_IO, "cuda: cudaEventCreate failed");
+	}
 	mtlz_cu_fill(c->x, (size_t)nb[1] * c->arch.input_length, 1.0f, c->st);
 	mtlz_cu_fill(c->act0, (size_t)nb[1] * c->act_floats, 0.5f, c->st);
 	mtlz_cu_fill(c->act1, (size_t)nb[1] * c->act_floats, 0.5f, c->st);
@@ -819,8 +832,14 @@ static int cuda_run(void *ctx, const float *x, int n, int mc, mtlz_output *out, 
 	CU_TRY(cudaSetDevice(c->dev));
 	if (x != c->hx)
 		memcpy(c->hx, x, (size_t)n * L * sizeof(float));
-	if ((rc = graph_for(c, n, mc, &exec, errstr, errstr_size)))
-		return rc;
+	if (graph_for(c, n, mc, &exec, errstr, errstr_size)) {
+		/* capture or instantiation failed (e.g. out of memory): the same
+		 * work runs without a graph; a real fault shows up there */
+		cudaGetLastError();
+		exec = NULL;
+		if (errstr && errstr_size)
+			errstr[0] = '\0';
+	}
 	if (exec)
 		CU_TRY(cudaGraphLaunch(exec, c->st));
 	else if ((rc = enqueue(c, n, mc, errstr, errstr_size)))

@@ -564,10 +564,30 @@ static int conv_bwd(struct mtlz_cuda_trainer *t, const struct tconv *cv, const f
 	return MTLZ_OK;
 }
 
+static int step(struct mtlz_cuda_trainer *t, const float *params, const mtlz_batch *bt,
+		const mtlz_loss_opts *o, mtlz_losses *loss, float *grad, float *logits_out,
+		float *metal_out, char *errstr, size_t errstr_size);
+
 extern "C" int mtlz_cuda_trainer_step(struct mtlz_cuda_trainer *t, const float *params,
 				      const mtlz_batch *bt, const mtlz_loss_opts *o,
 				      mtlz_losses *loss, float *grad, float *logits_out,
 				      float *metal_out, char *errstr, size_t errstr_size)
+{
+	const int rc = step(t, params, bt, o, loss, grad, logits_out, metal_out, errstr,
+			    errstr_size);
+
+	/* on an error, copies from the pinned staging buffers may still be in
+	 * flight: let them finish before the caller reuses anything */
+	if (rc != MTLZ_OK) {
+		cudaStreamSynchronize(t->st);
+		cudaGetLastError();
+	}
+	return rc;
+}
+
+static int step(struct mtlz_cuda_trainer *t, const float *params, const mtlz_batch *bt,
+		const mtlz_loss_opts *o, mtlz_losses *loss, float *grad, float *logits_out,
+		float *metal_out, char *errstr, size_t errstr_size)
 {
 	const int B = bt->n, C = t->C, K = t->K, nb = t->nb, pad = t->pad;
 	float *metal_dex = t->h_out + (size_t)t->Bmax * K;

@@ -666,3 +666,25 @@ Test(calib, cli_flag_and_yaml_key)
 		 MTLZ_SOURCE_DIR);
 	cr_assert_eq(system(cmd), 0);
 }
+
+Test(calib, model_with_other_than_four_classes_is_refused)
+{
+	mtlz_arch a;
+	mtlz_grid g;
+	mtlz_model *m;
+	mtlz_trainer *t;
+	mtlz_eval_item item;
+
+	mtlz_arch_default(&a);
+	mtlz_grid_default(&g);
+	a.n_classes = 5;
+	m = mtlz_model_new_random(&a, &g, 3, err, sizeof(err));
+	cr_assert_not_null(m, "%s", err);
+	t = mtlz_trainer_new(m, 2, 1, err, sizeof(err));
+	cr_assert_not_null(t, "%s", err);
+	/* refused before any data is touched (the eval items hold 4 logits) */
+	cr_assert_neq(mtlz_calib_collect(t, 2, NULL, NULL, 0, &item, err, sizeof(err)), MTLZ_OK);
+	cr_assert(strstr(err, "5 classes"), "%s", err);
+	mtlz_trainer_free(t);
+	mtlz_model_free(m);
+}
