@@ -6,7 +6,7 @@
 #
 #   bench/cv.sh folds   OUT [K] [SEED]       # OUT/folds/k{i}/{train,test}: archives
 #   bench/cv.sh run     OUT NAME [RETRAIN_OPTION...]   # train + evaluate every fold
-#   bench/cv.sh summary OUT                  # OUT/summary.md and OUT/summary.json
+#   bench/cv.sh summary OUT [NAME...]        # OUT/summary.md and OUT/summary.json
 #
 # folds: the atlas's JSON lines are split into K folds (default 5), stratified
 # by the class mtlz import gives them (Table 1 on bpt_class: -1 passive,
@@ -21,7 +21,7 @@
 # --epochs 50 --threads 1 --init synth.safetensors), then `mtlz eval
 # --bootstrap $BOOT (default 1000) --report` on k{i}/test. Results go to
 # OUT/NAME/k{i}/ (model, training log, metrics.json, report.md, wall times).
-# summary: per fold and pooled over the folds (accuracy from the summed
+# summary (of the runs NAME..., default all): per fold and pooled over the folds (accuracy from the summed
 # confusion matrices with a percentile bootstrap over the pooled test spectra;
 # metallicity SD and bias pooled exactly from the per-fold n, bias and SD).
 #
@@ -130,13 +130,13 @@ run)
 	done
 	;;
 summary)
-	python3 - "$out" <<'EOF'
+	python3 - "$out" "$@" <<'EOF'
 import glob, json, math, os, random, sys
 out = sys.argv[1]
 k = int(open(f"{out}/folds/K").read())
 rows, summary = [], {}
-names = sorted(d for d in os.listdir(out)
-               if os.path.isfile(f"{out}/{d}/k0/eval.json"))
+names = sys.argv[2:] or sorted(d for d in os.listdir(out)
+                               if os.path.isfile(f"{out}/{d}/k0/eval.json"))
 md = ["| model | fold | n | accuracy [95 % CI] | n (O/H) | SD dex [95 % CI] | bias dex | train s |",
       "|---|---|---|---|---|---|---|---|"]
 for name in names:
