@@ -393,13 +393,24 @@ static char *manifest(const mtlz_retrain_opts *o, const mtlz_retrain_result *res
 		"test", (int)res->n_test, "method", "stratified by class"));
 	json_object_set_new(j, "hyperparameters", hp);
 	json_object_set_new(j, "init", o->init ? json_string(o->init) : json_null());
+	{
+		char hex[65];
+
+		json_object_set_new(j, "init_sha256",
+				    o->init && mtlz_sha256_file(o->init, hex, NULL, 0) == MTLZ_OK ?
+					    json_string(hex) : json_null());
+	}
 	json_object_set_new(j, "epochs_done", json_integer(st->epoch));
 	json_object_set_new(j, "history", history_json(res, st->epoch));
 	json_object_set_new(j, "calibration", calibration_json(res));
-	json_object_set_new(j, "final", json_pack("{s:f,s:f,s:f,s:f,s:i}",
+	/* no labelled test spectrum (e.g. --split-train 0.8 --split-validation
+	 * 0.2): null, not a fake 0 */
+	json_object_set_new(j, "final", json_pack("{s:f,s:o,s:o,s:o,s:i,s:i}",
 		"val_total", st->epoch ? res->log[st->epoch - 1].val_total : 0.0,
-		"test_accuracy", res->test_accuracy, "test_oh_sd", res->test_oh_sd,
-		"test_oh_bias", res->test_oh_bias, "test_oh_n", (int)res->test_oh_n));
+		"test_accuracy", res->test_n ? json_real(res->test_accuracy) : json_null(),
+		"test_oh_sd", res->test_oh_n > 1 ? json_real(res->test_oh_sd) : json_null(),
+		"test_oh_bias", res->test_oh_n ? json_real(res->test_oh_bias) : json_null(),
+		"test_oh_n", (int)res->test_oh_n, "test_n", (int)res->test_n));
 	s = json_dumps(j, JSON_COMPACT);
 	json_decref(j);
 	return s;
@@ -707,6 +718,7 @@ int mtlz_retrain_run(const mtlz_retrain_opts *o, mtlz_retrain_result *res, char 
 				goto out;
 		}
 		res->test_accuracy = nl ? (double)hits / nl : 0;
+		res->test_n = nl;
 		res->test_oh_n = nr;
 		res->test_oh_bias = nr ? rs / nr : 0;
 		res->test_oh_sd = nr > 1 ? sqrt(MTLZ_MAX(rq / nr - res->test_oh_bias *
@@ -719,6 +731,16 @@ int mtlz_retrain_run(const mtlz_retrain_opts *o, mtlz_retrain_result *res, char 
 		if (man) {
 			mtlz_model_set_meta(m, "mtlz.training", man);
 			free(man);
+		}
+		{
+			/* replaces the starting model's line ("He initialisation,
+			 * untrained", or the --init model's own) */
+			char prov[1024];
+
+			snprintf(prov, sizeof(prov), "trained by mtlz-retrain %s: %d epochs from %s; "
+				 "data, split, hyper-parameters and history in mtlz.training",
+				 MTLZ_VERSION, st.epoch, o->init ? o->init : "He initialisation");
+			mtlz_model_set_meta(m, "mtlz.provenance", prov);
 		}
 		mtlz_model_set_meta(m, "mtlz.checkpoint", NULL);
 		rc = mtlz_model_save(m, o->out, errstr, errstr_size);

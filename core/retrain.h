@@ -79,6 +79,7 @@ typedef struct mtlz_retrain_result {
 	double test_accuracy;       /* of the written model on the test split */
 	double test_oh_sd, test_oh_bias;
 	long test_oh_n;
+	long test_n;                /* labelled spectra in the test split (0: no test metrics) */
 	/* temperature scaling: calibrated = 1 when mtlz.calibration was
 	 * written (calib_val: the fit on the validation split; calib_test: the
 	 * same T scored on the test split, n 0 when empty); else calib_skipped

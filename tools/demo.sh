@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job on the bundled sample data, end to end through Kafka:
 #   1. start the embedded dev broker (librdkafka's mock cluster, loopback),
-#   2. start mtlzd (etc/mtlzd.yaml, pointed at it) with the bundled model,
+#   2. start mtlzd (etc/mtlzd.yaml, pointed at it) with the shipped default
+#      model (models/default.safetensors; models/README.md says how it was
+#      trained and how well it does),
 #   3. replay the bundled real SDSS, BOSS and DESI spectra (tests/data) as
 #      Avro with mtlz-replay,
 #   4. read the results back from the output topic and print them,
@@ -9,10 +11,6 @@
 #      archive (data/sdss-atlas/archive, docs/labels.md) and summarise the
 #      results (count, rate, latency).
 # Installs the Debian packages and builds first.
-#
-# The model is a randomly initialised one (mtlz init, seed 1) until a
-# trained model ships (mtlz-retrain): the table shows the pipeline working
-# end to end on real files, not science-grade classes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/install-deps.sh
@@ -27,17 +25,16 @@ cleanup() {
 trap cleanup EXIT
 export MTLZ_SCHEMA_DIR="$PWD/schemas"
 
-model=$B/mtlz-random.safetensors
-[ -f "$model" ] || $B/tools/mtlz init -o "$model" --seed 1
-
 $B/tools/mtlz-devbroker --partitions 4 > "$work/broker.out" 2> "$work/broker.log" &
 broker_pid=$!
 for _ in $(seq 100); do grep -q '^bootstrap=' "$work/broker.out" && break; sleep 0.1; done
 brokers=$(sed -n 's/^bootstrap=//p' "$work/broker.out")
 echo "== dev broker at $brokers"
 
+# model.path is empty in etc/mtlzd.yaml: the daemon takes the default model
+# and logs which file (event=default_model)
 $B/daemon/mtlzd --config etc/mtlzd.yaml --set kafka.brokers="$brokers" \
-	--set model.path="$model" --set batch.max_delay_ms=20 \
+	--set batch.max_delay_ms=20 \
 	--set status.interval_ms=2000 2> "$work/mtlzd.log" &
 daemon_pid=$!
 
