@@ -454,31 +454,6 @@ static void run_head(const struct cpu_ctx *c, const struct head *H,
 	}
 }
 
-/* Softmax of the class logits / T (temperature scaling, 1 = none) into
- * out[i].prob, argmax into out[i].cls. */
-static void softmax_rows(const float *logits, int n, int K, float inv_t,
-			 mtlz_output *out)
-{
-	for (int i = 0; i < n; i++) {
-		const float *z = logits + (size_t)i * K;
-		float mx = z[0], s = 0.0f;
-		int arg = 0;
-
-		for (int k = 1; k < K; k++)
-			if (z[k] > mx) {
-				mx = z[k];
-				arg = k;
-			}
-		for (int k = 0; k < K; k++) {
-			out[i].prob[k] = expf((z[k] - mx) * inv_t);
-			s += out[i].prob[k];
-		}
-		for (int k = 0; k < K; k++)
-			out[i].prob[k] /= s;
-		out[i].cls = arg;
-	}
-}
-
 /* Heads of spectrum i: logits, the deterministic metallicity and, with
  * mc > 0, the MC-dropout passes of the metallicity head (sigma = population
  * std). Each spectrum is computed on its own, so its outputs do not depend
@@ -545,7 +520,7 @@ static int cpu_run(void *ctx, const float *x, int n, int mc, mtlz_output *out,
 #pragma omp parallel for schedule(dynamic, 1) num_threads(MTLZ_MIN(n, c->n_threads)) if (mc > 0 || n > 16)
 	for (int i = 0; i < n; i++)
 		heads_one(c, x + (size_t)i * L, i, mc, &out[i], omp_get_thread_num());
-	softmax_rows(c->logits, n, c->arch.n_classes, c->inv_temp, out);
+	mtlz_softmax_outputs(c->logits, n, c->arch.n_classes, c->inv_temp, out);
 	return MTLZ_OK;
 }
 

@@ -33,6 +33,11 @@ struct mtlz_engine_backend_i {
 
 extern const struct mtlz_engine_backend_i mtlz_engine_cpu;
 
+/* Softmax of the class logits / T (temperature scaling; inv_t = 1/T) into
+ * out[i].prob and the argmax into out[i].cls: the same host code for every
+ * backend, so the engines' probabilities agree to the logits' rounding. */
+void mtlz_softmax_outputs(const float *logits, int n, int K, float inv_t, mtlz_output *out);
+
 /* Registry lookup by name; NULL if not compiled in. */
 const struct mtlz_engine_backend_i *mtlz_engine_backend_find(const char *name);
 

@@ -198,6 +198,28 @@ int mtlz_engine_run(mtlz_engine *e, const float *x, int n, int mc_samples,
 	return rc;
 }
 
+void mtlz_softmax_outputs(const float *logits, int n, int K, float inv_t, mtlz_output *out)
+{
+	for (int i = 0; i < n; i++) {
+		const float *z = logits + (size_t)i * K;
+		float mx = z[0], s = 0.0f;
+		int arg = 0;
+
+		for (int k = 1; k < K; k++)
+			if (z[k] > mx) {
+				mx = z[k];
+				arg = k;
+			}
+		for (int k = 0; k < K; k++) {
+			out[i].prob[k] = expf((z[k] - mx) * inv_t);
+			s += out[i].prob[k];
+		}
+		for (int k = 0; k < K; k++)
+			out[i].prob[k] /= s;
+		out[i].cls = arg;
+	}
+}
+
 const char *mtlz_engine_name(const mtlz_engine *e) { return e->be->name; }
 
 const char *mtlz_engine_describe(const mtlz_engine *e)

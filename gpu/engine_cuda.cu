@@ -9,8 +9,8 @@
  * n*mc dropped-out copies of the features (one SGEMM per layer), with the
  * masks of core/mc_rng.h, so the CPU and CUDA engines draw the same masks.
  * Logits, metallicity and sigma come back to pinned host memory; the
- * softmax (with the calibration temperature) is done on the host, as the
- * CPU engine does it.
+ * softmax (with the calibration temperature) is the host code the CPU
+ * engine uses too (mtlz_softmax_outputs).
  *
  * Small batches are launch-bound (about 40 launches): their whole sequence,
  * copies included, is captured once per (batch size, MC passes) into a CUDA
@@ -847,23 +847,8 @@ static int cuda_run(void *ctx, const float *x, int n, int mc, mtlz_output *out, 
 	CU_TRY(cudaStreamSynchronize(c->st));
 	if (c->profile)
 		prof_collect(c, n);
+	mtlz_softmax_outputs(c->h_logits, n, K, c->inv_temp, out);
 	for (int i = 0; i < n; i++) {
-		const float *z = c->h_logits + (size_t)i * K;
-		float mx = z[0], s = 0.0f;
-		int arg = 0;
-
-		for (int k = 1; k < K; k++)
-			if (z[k] > mx) {
-				mx = z[k];
-				arg = k;
-			}
-		for (int k = 0; k < K; k++) {
-			out[i].prob[k] = expf((z[k] - mx) * c->inv_temp);
-			s += out[i].prob[k];
-		}
-		for (int k = 0; k < K; k++)
-			out[i].prob[k] /= s;
-		out[i].cls = arg;
 		out[i].metal = (float)(c->h_metal[i] * c->target_scale + c->target_offset);
 		out[i].metal_sigma = mc <= 0 ? NAN :
 				     do_mc ? (float)(c->h_sigma[i] * fabs(c->target_scale)) : 0.0f;
