@@ -287,6 +287,8 @@ static void *cuda_init(const mtlz_engine_opts *o, char *errstr, size_t errstr_si
 			 cudaGetErrorString(e));
 		goto fail;
 	}
+	if (mtlz_cublas_load(errstr, errstr_size))
+		goto fail;
 	if (cublasCreate(&c->blas) != CUBLAS_STATUS_SUCCESS) {
 		c->blas = NULL;
 		mtlz_err(errstr, errstr_size, MTLZ_ERR_IO, "cuda: cuBLAS initialisation failed");

@@ -462,6 +462,10 @@ extern "C" struct mtlz_cuda_trainer *mtlz_cuda_trainer_new(const mtlz_model *m, 
 			in = H->out[i];
 		}
 	}
+	if (mtlz_cublas_load(errstr, errstr_size)) {
+		mtlz_cuda_trainer_free(t);
+		return NULL;
+	}
 	if (cudaSetDevice(t->dev) != cudaSuccess || cudaGetDeviceProperties(&prop, t->dev) != cudaSuccess ||
 	    cudaStreamCreateWithFlags(&t->st, cudaStreamNonBlocking) != cudaSuccess ||
 	    cudaMalloc(&t->ws, 32u << 20) != cudaSuccess ||
