@@ -387,6 +387,7 @@ static char *manifest(const mtlz_retrain_opts *o, const mtlz_retrain_result *res
 		       "both", "attention", !o->no_attention, "seed", (json_int_t)o->seed,
 		       "threads", o->threads, "calibrate", !o->no_calibrate);
 	json_object_set_new(hp, "engine", json_string(o->engine ? o->engine : "cpu"));
+	json_object_set_new(hp, "precision", json_string(o->precision ? o->precision : "fp32"));
 	json_object_set_new(j, "data", data);
 	json_object_set_new(j, "split", json_pack("{s:I,s:i,s:i,s:i,s:s}", "seed",
 		(json_int_t)o->seed, "train", (int)res->n_train, "validation", (int)res->n_val,
@@ -431,8 +432,8 @@ int mtlz_retrain_run(const mtlz_retrain_opts *o, mtlz_retrain_result *res, char 
 	struct state st;
 	uint8_t *part = NULL;
 	size_t *tr = NULL, *va = NULL, *te = NULL, n_tr = 0, n_va = 0, n_te = 0;
-	float *x = NULL, *oh = NULL, *logits = NULL, *metal = NULL, *grad = NULL;
-	int *cls = NULL, rc = MTLZ_OK, B = o->batch;
+	float *x = NULL, *oh = NULL, *logits = NULL, *metal = NULL;
+	int *cls = NULL, rc = MTLZ_OK, B = o->batch, x_owned = 0;
 	double t_start = mtlz_now();
 
 	memset(res, 0, sizeof(*res));
@@ -505,12 +506,11 @@ int mtlz_retrain_run(const mtlz_retrain_opts *o, mtlz_retrain_result *res, char 
 	tr = malloc(d.n * sizeof(size_t));
 	va = malloc(d.n * sizeof(size_t));
 	te = malloc(d.n * sizeof(size_t));
-	x = malloc((size_t)B * d.L * sizeof(float));
 	cls = malloc((size_t)B * sizeof(int));
 	oh = malloc((size_t)B * sizeof(float));
 	logits = malloc((size_t)B * 4 * sizeof(float));
 	metal = malloc((size_t)B * sizeof(float));
-	if (!part || !tr || !va || !te || !x || !cls || !oh || !logits || !metal) {
+	if (!part || !tr || !va || !te || !cls || !oh || !logits || !metal) {
 		rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory");
 		goto out;
 	}
@@ -557,13 +557,19 @@ int mtlz_retrain_run(const mtlz_retrain_opts *o, mtlz_retrain_result *res, char 
 	}
 	t = mtlz_trainer_new_kind(m, B, o->threads > 0 ? o->threads :
 				  (int)sysconf(_SC_NPROCESSORS_ONLN), o->engine, errstr, errstr_size);
-	if (!t || mtlz_adam_init(&adam, mtlz_trainer_n_params(t), o->lr)) {
-		rc = t ? mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory") :
-			 MTLZ_ERR_NOMEM;
+	if (!t) {
+		rc = MTLZ_ERR_NOMEM;
 		goto out;
 	}
-	grad = malloc(mtlz_trainer_n_params(t) * sizeof(float));
-	if (!grad) {
+	if ((rc = mtlz_trainer_set_precision(t, o->precision, errstr, errstr_size)))
+		goto out;
+	/* batches are gathered where the trainer reads them fastest (pinned
+	 * memory for cuda) */
+	x = mtlz_trainer_input_buffer(t);
+	x_owned = !x;
+	if (!x)
+		x = malloc((size_t)B * d.L * sizeof(float));
+	if (!x || mtlz_adam_init(&adam, mtlz_trainer_n_params(t), o->lr)) {
 		rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory");
 		goto out;
 	}
@@ -631,12 +637,10 @@ int mtlz_retrain_run(const mtlz_retrain_opts *o, mtlz_retrain_result *res, char 
 			gather(&d, tr + s0, nb, x, cls, oh);
 			lo.train = 1;
 			lo.seed = mix(mix(o->seed, (uint64_t)ep), (uint64_t)st.batch);
-			rc = mtlz_trainer_step(t, &b, &lo, &l, grad, NULL, NULL, NULL, errstr,
-					       errstr_size);
+			adam.lr = st.lr;
+			rc = mtlz_trainer_train_step(t, &b, &lo, &adam, &l, errstr, errstr_size);
 			if (rc)
 				goto out;
-			adam.lr = st.lr;
-			mtlz_adam_step(&adam, mtlz_trainer_params(t), grad);
 			st.adam_t = adam.t;
 			if (l.n_cls) {
 				st.sum_cls += l.cls;
@@ -656,6 +660,9 @@ int mtlz_retrain_run(const mtlz_retrain_opts *o, mtlz_retrain_result *res, char 
 				o->progress(o->opaque, &p);
 			}
 		}
+		/* the parameters and moments back from the device, if they are there */
+		if ((rc = mtlz_trainer_sync(t, errstr, errstr_size)))
+			goto out;
 		if (res->stopped)
 			break;
 		/* end of epoch: validation, DWA history, scheduler, checkpoint */
@@ -750,12 +757,12 @@ out:
 	free(tr);
 	free(va);
 	free(te);
-	free(x);
+	if (x_owned)
+		free(x);
 	free(cls);
 	free(oh);
 	free(logits);
 	free(metal);
-	free(grad);
 	mtlz_adam_free(&adam);
 	mtlz_trainer_free(t);
 	mtlz_st_free(extra);

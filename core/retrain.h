@@ -43,6 +43,7 @@ typedef struct mtlz_retrain_opts {
 	uint64_t seed;              /* 1: split, initialisation, shuffling, dropout */
 	int threads;                /* 0: all cores */
 	const char *engine;         /* "cpu" (default when NULL) or "cuda": who runs the passes */
+	const char *precision;      /* "fp32" (default when NULL) or "tf32" (cuda only) */
 	int task;                   /* enum mtlz_task */
 	int no_attention;
 	double dropout;             /* < 0: the architecture's default (0.5) */

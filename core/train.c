@@ -133,9 +133,103 @@ int mtlz_trainer_n_classes(const mtlz_trainer *t)
 	return t->a.n_classes;
 }
 
+int mtlz_trainer_sync(mtlz_trainer *t, char *errstr, size_t errstr_size)
+{
+#ifdef MTLZ_WITH_CUDA
+	if (t->cuda && t->host_stale) {
+		const int rc = mtlz_cuda_trainer_download(t->cuda, t->p, t->adam->m, t->adam->v,
+							  errstr, errstr_size);
+
+		if (rc)
+			return rc;
+		t->host_stale = 0;
+	}
+#else
+	(void)errstr;
+	(void)errstr_size;
+#endif
+	return MTLZ_OK;
+}
+
+/* for the accessors without an error channel: a failed download leaves the
+ * host parameters stale and is said on stderr; the next step fails too */
+static void sync_or_say(const mtlz_trainer *t)
+{
+	char err[256];
+
+	if (mtlz_trainer_sync((mtlz_trainer *)t, err, sizeof(err)))
+		fprintf(stderr, "mtlz trainer: %s\n", err);
+}
+
 float *mtlz_trainer_params(mtlz_trainer *t)
 {
+	sync_or_say(t);
+	t->dev_current = 0;   /* the caller may write */
 	return t->p;
+}
+
+int mtlz_trainer_train_step(mtlz_trainer *t, const mtlz_batch *b, const mtlz_loss_opts *o,
+			    mtlz_adam *a, mtlz_losses *loss, char *errstr, size_t errstr_size)
+{
+	int rc;
+
+	if (a->n != t->n_p)
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID,
+				"train step: Adam state for %zu parameters, the model has %zu",
+				a->n, t->n_p);
+#ifdef MTLZ_WITH_CUDA
+	if (t->cuda) {
+		if (t->adam && t->adam != a && (rc = mtlz_trainer_sync(t, errstr, errstr_size)))
+			return rc;
+		if (t->adam != a)
+			t->dev_current = 0;
+		t->adam = a;
+		rc = mtlz_cuda_trainer_adam_step(t->cuda, t->dev_current ? NULL : t->p, a, b, o,
+						 loss, errstr, errstr_size);
+		if (rc == MTLZ_OK)
+			t->host_stale = t->dev_current = 1;
+		return rc;
+	}
+#endif
+	if (!t->grad_own && !(t->grad_own = malloc(t->n_p * sizeof(float))))
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory");
+	rc = trf_step(t, b->x, NULL, b, o, loss, t->grad_own, NULL, NULL, NULL, errstr,
+		      errstr_size);
+	if (rc == MTLZ_OK)
+		mtlz_adam_step(a, t->p, t->grad_own);
+	return rc;
+}
+
+int mtlz_trainer_set_precision(mtlz_trainer *t, const char *precision, char *errstr,
+			       size_t errstr_size)
+{
+	if (!precision || !strcmp(precision, "fp32")) {
+#ifdef MTLZ_WITH_CUDA
+		if (t->cuda)
+			return mtlz_cuda_trainer_set_tf32(t->cuda, 0, errstr, errstr_size);
+#endif
+		return MTLZ_OK;
+	}
+	if (strcmp(precision, "tf32") != 0)
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID,
+				"precision '%s' (fp32 or tf32)", precision);
+#ifdef MTLZ_WITH_CUDA
+	if (t->cuda)
+		return mtlz_cuda_trainer_set_tf32(t->cuda, 1, errstr, errstr_size);
+#endif
+	return mtlz_err(errstr, errstr_size, MTLZ_ERR_UNSUPPORTED,
+			"precision tf32 needs the cuda trainer (the CPU trains in fp32)");
+}
+
+float *mtlz_trainer_input_buffer(mtlz_trainer *t)
+{
+#ifdef MTLZ_WITH_CUDA
+	if (t->cuda)
+		return mtlz_cuda_trainer_input_buffer(t->cuda);
+#else
+	(void)t;
+#endif
+	return NULL;
 }
 
 long mtlz_trainer_param_offset(const mtlz_trainer *t, const char *name, size_t *n)
@@ -151,6 +245,8 @@ long mtlz_trainer_param_offset(const mtlz_trainer *t, const char *name, size_t *
 
 int mtlz_trainer_load(mtlz_trainer *t, const mtlz_model *m)
 {
+	sync_or_say(t);   /* a->m, a->v current on the host before they are re-sent */
+	t->dev_current = 0;   /* the host's parameters are the new ones */
 	return trf_load(t, m);
 }
 
@@ -160,6 +256,9 @@ int mtlz_trainer_store(const mtlz_trainer *t, mtlz_model *m)
 
 	if (mtlz_model_n_params(m) != t->n_p)
 		return MTLZ_ERR_INVALID;
+	sync_or_say(t);
+	if (t->host_stale)
+		return MTLZ_ERR_IO;
 	for (size_t i = 0; i < mtlz_model_n_tensors(m); i++) {
 		const mtlz_tensor *tt = mtlz_model_tensor(m, i);
 		float *d = mtlz_model_data(m, tt->name);
@@ -176,9 +275,13 @@ int mtlz_trainer_step(mtlz_trainer *t, const mtlz_batch *b, const mtlz_loss_opts
 {
 #ifdef MTLZ_WITH_CUDA
 	if (t->cuda) {
+		int rc;
+
 		if (dx)
 			return mtlz_err(errstr, errstr_size, MTLZ_ERR_UNSUPPORTED,
 					"cuda trainer: no input gradient (dx)");
+		if ((rc = mtlz_trainer_sync(t, errstr, errstr_size)))
+			return rc;
 		return mtlz_cuda_trainer_step(t->cuda, t->p, b, o, loss, grad, logits, metal,
 					      errstr, errstr_size);
 	}

@@ -19,6 +19,7 @@
 #define MTLZ_TRAIN_H
 
 #include "model.h"
+#include "optim.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -88,6 +89,24 @@ mtlz_trainer *mtlz_trainer_new_kind(const mtlz_model *m, int max_batch, int n_th
 				    const char *kind, char *errstr, size_t errstr_size);
 const char *mtlz_trainer_describe(const mtlz_trainer *t);
 
+/* One training step with its Adam update: forward, backward, then
+ * mtlz_adam_step(a, params, grad) -- on the host for the CPU trainer, on
+ * the device for "cuda", where the parameters and a's moments then stay
+ * until the host reads them: mtlz_trainer_params(), _store(), _step() and
+ * _sync() bring them back (into a->m, a->v too), so a caller sees the
+ * same state either way. Keep passing the same `a`. */
+int mtlz_trainer_train_step(mtlz_trainer *t, const mtlz_batch *b, const mtlz_loss_opts *o,
+			    mtlz_adam *a, mtlz_losses *loss, char *errstr, size_t errstr_size);
+/* Brings the parameters and the Adam moments of train_step back to the
+ * host (a no-op for the CPU trainer or when they are there). */
+int mtlz_trainer_sync(mtlz_trainer *t, char *errstr, size_t errstr_size);
+/* "fp32" (default) or "tf32" (tensor-core GEMMs; the cuda trainer only). */
+int mtlz_trainer_set_precision(mtlz_trainer *t, const char *precision, char *errstr,
+			       size_t errstr_size);
+/* A batch buffer [max_batch][L] in pinned memory for the cuda trainer
+ * (gather batches into it: the upload is then asynchronous); NULL for cpu. */
+float *mtlz_trainer_input_buffer(mtlz_trainer *t);
+
 /* The losses and their gradients w.r.t. the raw head outputs, from the
  * outputs of a forward pass: logits[n][K], metal[n] in dex; dlog[n][K],
  * dmet[n] (before the target scale). What every trainer's step computes. */
@@ -109,6 +128,21 @@ int mtlz_cuda_trainer_step(struct mtlz_cuda_trainer *t, const float *params,
 			   const mtlz_batch *b, const mtlz_loss_opts *o, mtlz_losses *loss,
 			   float *grad, float *logits, float *metal, char *errstr,
 			   size_t errstr_size);
+/* The step with Adam on the device: params (host) and a->m, a->v are
+ * uploaded first when params is not NULL, else the device's are current;
+ * a->t is advanced, a->lr and the betas read. Returns when the losses are
+ * known; the backward and the update run on (the next call or download
+ * reports their errors). */
+int mtlz_cuda_trainer_adam_step(struct mtlz_cuda_trainer *t, const float *params, mtlz_adam *a,
+				const mtlz_batch *b, const mtlz_loss_opts *o, mtlz_losses *loss,
+				char *errstr, size_t errstr_size);
+/* The device's parameters and Adam moments (m, v may be NULL) to the host. */
+int mtlz_cuda_trainer_download(struct mtlz_cuda_trainer *t, float *params, float *m, float *v,
+			       char *errstr, size_t errstr_size);
+/* Pinned [max_batch][L]: a batch built here is copied without staging. */
+float *mtlz_cuda_trainer_input_buffer(struct mtlz_cuda_trainer *t);
+int mtlz_cuda_trainer_set_tf32(struct mtlz_cuda_trainer *t, int on, char *errstr,
+			       size_t errstr_size);
 const char *mtlz_cuda_trainer_describe(const struct mtlz_cuda_trainer *t);
 void mtlz_cuda_trainer_free(struct mtlz_cuda_trainer *t);
 

@@ -39,6 +39,11 @@ struct TR {
 	struct { char name[64]; size_t off, n; } *tens;   /* the packed order */
 	size_t n_tens;
 	void *cuda;                    /* float only: the CUDA trainer doing the steps */
+	REAL *grad_own;                /* [n_p]: train_step's gradient (CPU) */
+	/* cuda train_step: the device holds newer parameters and moments of
+	 * *adam than the host (host_stale), or the same (dev_current) */
+	int host_stale, dev_current;
+	mtlz_adam *adam;
 };
 
 static void FN(free_all)(struct TR *t)
@@ -46,6 +51,7 @@ static void FN(free_all)(struct TR *t)
 	if (!t)
 		return;
 	free(t->p);
+	free(t->grad_own);
 	for (int b = 0; b <= MTLZ_MAX_BLOCKS; b++)
 		free(t->in[b]);
 	for (int b = 0; b < MTLZ_MAX_BLOCKS; b++) {

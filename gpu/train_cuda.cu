@@ -21,6 +21,13 @@
  * CPU trainer's own code (mtlz_train_losses), and the dropout masks are the
  * CPU trainer's (same seed, same sample index), so the two trainers take
  * the same step.
+ *
+ * mtlz_cuda_trainer_adam_step() keeps the parameters and Adam's moments on
+ * the device between steps (the update is one kernel, the same arithmetic
+ * as mtlz_adam_step); mtlz_cuda_trainer_download() brings them back for
+ * validation and checkpoints. Such a step returns once the losses are
+ * known: its backward and update run on while the host gathers the next
+ * batch, and an error in them is reported by the next call.
  */
 #include "common.cuh"
 #include "kernels.cuh"
@@ -69,6 +76,9 @@ struct mtlz_cuda_trainer {
 	float *z, *dA, *dB, *tmpw, *ones;
 	float *gap, *ah, *as, *feat, *mask, *dfeat, *dg, *dh0, *dh1, *da2, *dha, *dlog, *dmet;
 	float *h_out, *h_dlog, *h_dmet, *h_mask; /* pinned */
+	float *h_x;  /* pinned [Bmax][L]: a batch gathered here is copied asynchronously */
+	float *am, *av; /* Adam's moments (adam_step) */
+	int tf32;
 	/* MTLZ_CUDA_PROFILE=1: device time of the forward and the backward */
 	int profile;
 	long prof_steps;
@@ -280,6 +290,8 @@ static int alloc_all(struct mtlz_cuda_trainer *t, char *errstr, size_t errstr_si
 
 	DALLOC(t->p, t->n_p);
 	DALLOC(t->g, t->n_p);
+	DALLOC(t->am, t->n_p);
+	DALLOC(t->av, t->n_p);
 	DALLOC(t->x, (size_t)B * t->L);
 	for (int b = 0; b < t->nb; b++) {
 		const int cin = t->conv[2 * b].cin, c = t->conv[2 * b].cout;
@@ -327,6 +339,7 @@ static int alloc_all(struct mtlz_cuda_trainer *t, char *errstr, size_t errstr_si
 	/* metal_dex lives at h_out + Bmax*K, dmet at h_dlog + Bmax*K */
 	CU_TRY(cudaHostAlloc((void **)&t->h_dlog, (size_t)B * (t->K + 1) * sizeof(float), 0));
 	CU_TRY(cudaHostAlloc((void **)&t->h_mask, (size_t)2 * B * t->C * sizeof(float), 0));
+	CU_TRY(cudaHostAlloc((void **)&t->h_x, (size_t)B * t->L * sizeof(float), 0));
 	t->h_dmet = t->h_dlog + (size_t)t->Bmax * t->K;
 	return MTLZ_OK;
 }
@@ -345,7 +358,7 @@ extern "C" void mtlz_cuda_trainer_free(struct mtlz_cuda_trainer *t)
 		for (int i = 0; i < 4; i++)
 			cudaEventDestroy(t->ev[i]);
 	}
-	cudaFree(t->p); cudaFree(t->g); cudaFree(t->x);
+	cudaFree(t->p); cudaFree(t->g); cudaFree(t->x); cudaFree(t->am); cudaFree(t->av);
 	for (int b = 0; b <= MTLZ_MAX_BLOCKS; b++)
 		cudaFree(t->X[b]);
 	for (int b = 0; b < MTLZ_MAX_BLOCKS; b++) {
@@ -364,6 +377,7 @@ extern "C" void mtlz_cuda_trainer_free(struct mtlz_cuda_trainer *t)
 		for (int i = 0; i <= MTLZ_MAX_HIDDEN + 1; i++)
 			cudaFree(t->head[h].act[i]);
 	cudaFreeHost(t->h_out); cudaFreeHost(t->h_dlog); cudaFreeHost(t->h_mask);
+	cudaFreeHost(t->h_x);
 	if (t->blas)
 		cublasDestroy(t->blas);
 	cudaFree(t->ws);
@@ -496,6 +510,27 @@ extern "C" const char *mtlz_cuda_trainer_describe(const struct mtlz_cuda_trainer
 	return t->desc;
 }
 
+extern "C" float *mtlz_cuda_trainer_input_buffer(struct mtlz_cuda_trainer *t)
+{
+	return t->h_x;
+}
+
+extern "C" int mtlz_cuda_trainer_set_tf32(struct mtlz_cuda_trainer *t, int on, char *errstr,
+					  size_t errstr_size)
+{
+	char *p;
+
+	CU_TRY(cudaSetDevice(t->dev));
+	BLAS_TRY(cublasSetMathMode(t->blas, on ? CUBLAS_TF32_TENSOR_OP_MATH :
+						 CUBLAS_PEDANTIC_MATH));
+	t->tf32 = !!on;
+	p = strrchr(t->desc, ' ');
+	if (p)
+		snprintf(p + 1, sizeof(t->desc) - (size_t)(p + 1 - t->desc), "%s",
+			 on ? "tf32" : "fp32");
+	return MTLZ_OK;
+}
+
 /* ------------------------------------------------------------------ step */
 
 #define GRID(n) mtlz_blocks((size_t)(n), TPB), TPB, 0, t->st
@@ -569,16 +604,16 @@ static int conv_bwd(struct mtlz_cuda_trainer *t, const struct tconv *cv, const f
 }
 
 static int step(struct mtlz_cuda_trainer *t, const float *params, const mtlz_batch *bt,
-		const mtlz_loss_opts *o, mtlz_losses *loss, float *grad, float *logits_out,
-		float *metal_out, char *errstr, size_t errstr_size);
+		const mtlz_loss_opts *o, mtlz_losses *loss, int backward, float *grad,
+		float *logits_out, float *metal_out, char *errstr, size_t errstr_size);
 
 extern "C" int mtlz_cuda_trainer_step(struct mtlz_cuda_trainer *t, const float *params,
 				      const mtlz_batch *bt, const mtlz_loss_opts *o,
 				      mtlz_losses *loss, float *grad, float *logits_out,
 				      float *metal_out, char *errstr, size_t errstr_size)
 {
-	const int rc = step(t, params, bt, o, loss, grad, logits_out, metal_out, errstr,
-			    errstr_size);
+	const int rc = step(t, params, bt, o, loss, grad != NULL, grad, logits_out, metal_out,
+			    errstr, errstr_size);
 
 	/* on an error, copies from the pinned staging buffers may still be in
 	 * flight: let them finish before the caller reuses anything */
@@ -589,9 +624,12 @@ extern "C" int mtlz_cuda_trainer_step(struct mtlz_cuda_trainer *t, const float *
 	return rc;
 }
 
+/* params: the host parameters to upload, or NULL when the device's are
+ * current (adam_step); backward: compute the gradient into t->g, and
+ * download it into grad when that is not NULL (then the step synchronises) */
 static int step(struct mtlz_cuda_trainer *t, const float *params, const mtlz_batch *bt,
-		const mtlz_loss_opts *o, mtlz_losses *loss, float *grad, float *logits_out,
-		float *metal_out, char *errstr, size_t errstr_size)
+		const mtlz_loss_opts *o, mtlz_losses *loss, int backward, float *grad,
+		float *logits_out, float *metal_out, char *errstr, size_t errstr_size)
 {
 	const int B = bt->n, C = t->C, K = t->K, nb = t->nb, pad = t->pad;
 	float *metal_dex = t->h_out + (size_t)t->Bmax * K;
@@ -605,8 +643,9 @@ static int step(struct mtlz_cuda_trainer *t, const float *params, const mtlz_bat
 	{
 		CU_TRY(cudaSetDevice(t->dev));
 		/* ---- parameters, input, masks ---- */
-		CU_TRY(cudaMemcpyAsync(t->p, params, t->n_p * sizeof(float), cudaMemcpyHostToDevice,
-				       t->st));
+		if (params)
+			CU_TRY(cudaMemcpyAsync(t->p, params, t->n_p * sizeof(float),
+					       cudaMemcpyHostToDevice, t->st));
 		for (int i = 0; i < 2 * nb; i++) {
 			const struct tconv *cv = &t->conv[i];
 
@@ -685,7 +724,7 @@ static int step(struct mtlz_cuda_trainer *t, const float *params, const mtlz_bat
 		if (metal_out)
 			memcpy(metal_out, metal_dex, (size_t)B * sizeof(float));
 		rc = MTLZ_OK;
-		if (!grad)
+		if (!backward)
 			goto out;
 		/* ---- backward ---- */
 		CU_TRY(cudaMemcpyAsync(t->dlog, t->h_dlog, (size_t)B * K * sizeof(float),
@@ -758,9 +797,11 @@ static int step(struct mtlz_cuda_trainer *t, const float *params, const mtlz_bat
 		}
 		if (t->profile)
 			cudaEventRecord(t->ev[3], t->st);
-		CU_TRY(cudaMemcpyAsync(grad, t->g, t->n_p * sizeof(float), cudaMemcpyDeviceToHost,
-				       t->st));
-		CU_TRY(cudaStreamSynchronize(t->st));
+		if (grad)
+			CU_TRY(cudaMemcpyAsync(grad, t->g, t->n_p * sizeof(float),
+					       cudaMemcpyDeviceToHost, t->st));
+		if (grad || t->profile)
+			CU_TRY(cudaStreamSynchronize(t->st));
 		if (t->profile) {
 			float f = 0, bw = 0;
 
@@ -773,4 +814,83 @@ static int step(struct mtlz_cuda_trainer *t, const float *params, const mtlz_bat
 	}
 out:
 	return rc;
+}
+
+/* ------------------------------------------------------------------ Adam */
+
+/* mtlz_adam_step's arithmetic, element by element */
+__global__ void k_adam(float *__restrict__ p, const float *__restrict__ g, float *__restrict__ m,
+		       float *__restrict__ v, size_t n, float b1, float b2, float step,
+		       float sqrt_c2, float eps)
+{
+	const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+
+	if (i >= n)
+		return;
+	const float gi = g[i];
+	const float mi = b1 * m[i] + (1 - b1) * gi;
+	const float vi = b2 * v[i] + (1 - b2) * gi * gi;
+
+	m[i] = mi;
+	v[i] = vi;
+	p[i] -= step * mi / (sqrtf(vi) / sqrt_c2 + eps);
+}
+
+static int adam_launch(struct mtlz_cuda_trainer *t, mtlz_adam *a, char *errstr,
+		       size_t errstr_size)
+{
+	const double c1 = 1.0 - pow(a->beta1, (double)(a->t + 1));
+	const double c2 = 1.0 - pow(a->beta2, (double)(a->t + 1));
+
+	k_adam<<<GRID(t->n_p)>>>(t->p, t->g, t->am, t->av, t->n_p, (float)a->beta1,
+				 (float)a->beta2, (float)(a->lr / c1), (float)sqrt(c2), (float)a->eps);
+	LAUNCH_TRY("adam");
+	a->t++;
+	return MTLZ_OK;
+}
+
+extern "C" int mtlz_cuda_trainer_adam_step(struct mtlz_cuda_trainer *t, const float *params,
+					   mtlz_adam *a, const mtlz_batch *bt,
+					   const mtlz_loss_opts *o, mtlz_losses *loss,
+					   char *errstr, size_t errstr_size)
+{
+	int rc;
+
+	if (a->n != t->n_p)
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID,
+				"cuda trainer: Adam state for %zu parameters, the model has %zu",
+				a->n, t->n_p);
+	if (params) {
+		CU_TRY(cudaSetDevice(t->dev));
+		CU_TRY(cudaMemcpyAsync(t->p, params, t->n_p * sizeof(float),
+				       cudaMemcpyHostToDevice, t->st));
+		CU_TRY(cudaMemcpyAsync(t->am, a->m, t->n_p * sizeof(float),
+				       cudaMemcpyHostToDevice, t->st));
+		CU_TRY(cudaMemcpyAsync(t->av, a->v, t->n_p * sizeof(float),
+				       cudaMemcpyHostToDevice, t->st));
+	}
+	rc = step(t, NULL, bt, o, loss, 1, NULL, NULL, NULL, errstr, errstr_size);
+	if (rc == MTLZ_OK)
+		rc = adam_launch(t, a, errstr, errstr_size);
+	if (rc != MTLZ_OK) {
+		cudaStreamSynchronize(t->st);
+		cudaGetLastError();
+	}
+	return rc;
+}
+
+extern "C" int mtlz_cuda_trainer_download(struct mtlz_cuda_trainer *t, float *params, float *m,
+					  float *v, char *errstr, size_t errstr_size)
+{
+	CU_TRY(cudaSetDevice(t->dev));
+	CU_TRY(cudaMemcpyAsync(params, t->p, t->n_p * sizeof(float), cudaMemcpyDeviceToHost,
+			       t->st));
+	if (m)
+		CU_TRY(cudaMemcpyAsync(m, t->am, t->n_p * sizeof(float), cudaMemcpyDeviceToHost,
+				       t->st));
+	if (v)
+		CU_TRY(cudaMemcpyAsync(v, t->av, t->n_p * sizeof(float), cudaMemcpyDeviceToHost,
+				       t->st));
+	CU_TRY(cudaStreamSynchronize(t->st));
+	return MTLZ_OK;
 }

@@ -679,6 +679,141 @@ Test(cuda, training_steps_with_adam_match_cpu, .timeout = 300)
 	free(x); free(oh); free(cls); free(g);
 }
 
+/* mtlz_trainer_train_step with Adam on the device against the CPU
+ * trainer's train_step: the steps run ahead of the host, and host reads in
+ * between (a validation step, mtlz_trainer_params) bring the state back */
+Test(cuda, device_adam_train_steps_match_cpu, .timeout = 300)
+{
+	const int n = 8, steps = 7;
+	mtlz_model *m;
+	mtlz_trainer *t[2];
+	mtlz_adam ad[2];
+	char err[512];
+	float *x, *oh, *lg[2];
+	int *cls, L;
+	size_t np;
+
+	NEED_GPU();
+	m = pool2_model(62);
+	L = mtlz_model_arch(m)->input_length;
+	t[0] = mtlz_trainer_new_kind(m, n, 2, "cpu", err, sizeof(err));
+	t[1] = mtlz_trainer_new_kind(m, n, 2, "cuda", err, sizeof(err));
+	cr_assert(t[0] && t[1], "%s", err);
+	np = mtlz_trainer_n_params(t[0]);
+	x = malloc((size_t)n * L * sizeof(float));
+	oh = malloc(n * sizeof(float));
+	cls = malloc(n * sizeof(int));
+	lg[0] = malloc((size_t)n * 4 * sizeof(float));
+	lg[1] = malloc((size_t)n * 4 * sizeof(float));
+	for (int k = 0; k < 2; k++)
+		cr_assert_eq(mtlz_adam_init(&ad[k], np, 2e-3), MTLZ_OK);
+	for (int s = 0; s < steps; s++) {
+		mtlz_batch b = { x, cls, oh, n };
+		mtlz_loss_opts lo;
+		mtlz_losses l[2];
+
+		spectra(x, n, L, 500 + (uint64_t)s);
+		labels(n, cls, oh, 600 + (uint64_t)s);
+		mtlz_loss_opts_default(&lo);
+		lo.train = 1;
+		lo.seed = 700 + (uint64_t)s;
+		for (int k = 0; k < 2; k++) {
+			ad[k].lr = s < 4 ? 2e-3 : 2e-4;   /* a scheduler's cut */
+			cr_assert_eq(mtlz_trainer_train_step(t[k], &b, &lo, &ad[k], &l[k], err,
+							     sizeof(err)), MTLZ_OK, "%s", err);
+		}
+		cr_assert_float_eq(l[1].cls, l[0].cls, 1e-3 * fabs(l[0].cls) + 1e-6);
+		cr_assert_eq(ad[1].t, ad[0].t);
+		if (s == 2) {   /* a validation pass in between: no dropout, no update */
+			lo.train = 0;
+			for (int k = 0; k < 2; k++)
+				cr_assert_eq(mtlz_trainer_step(t[k], &b, &lo, &l[k], NULL, NULL, lg[k],
+							       NULL, err, sizeof(err)), MTLZ_OK, "%s",
+					     err);
+			cr_assert_leq(tensor_rel(lg[1], lg[0], (size_t)n * 4), 1e-4);
+		}
+		if (s == 4)     /* a host read (checkpoint) in between */
+			cr_assert_leq(tensor_rel(mtlz_trainer_params(t[1]),
+						 mtlz_trainer_params(t[0]), np), 1e-3);
+	}
+	cr_assert_eq(mtlz_trainer_sync(t[1], err, sizeof(err)), MTLZ_OK, "%s", err);
+	{
+		const double e = tensor_rel(mtlz_trainer_params(t[1]), mtlz_trainer_params(t[0]), np);
+		const double em = tensor_rel(ad[1].m, ad[0].m, np);
+		const double ev = tensor_rel(ad[1].v, ad[0].v, np);
+
+		cr_log_info("%d device-Adam steps: parameters %.2e, m %.2e, v %.2e", steps, e, em,
+			    ev);
+		cr_assert_leq(e, 1e-3, "parameters after %d steps differ: %g", steps, e);
+		cr_assert_leq(em, 1e-3, "Adam m differs: %g", em);
+		cr_assert_leq(ev, 1e-3, "Adam v differs: %g", ev);
+		/* and the update really happened on the device */
+		cr_assert_gt(tensor_rel(ad[1].m, ad[1].v, np), 0.0);
+	}
+	for (int k = 0; k < 2; k++) {
+		mtlz_adam_free(&ad[k]);
+		mtlz_trainer_free(t[k]);
+		free(lg[k]);
+	}
+	mtlz_model_free(m);
+	free(x); free(oh); free(cls);
+}
+
+/* TF32 training: the gradient within TF32's rounding of the fp32 one */
+Test(cuda, tf32_trainer_gradients_close_to_fp32, .timeout = 300)
+{
+	const int n = 6;
+	mtlz_model *m;
+	mtlz_trainer *t[2];
+	char err[512];
+	float *x, *oh, *g[2];
+	int *cls, L;
+	size_t np;
+	mtlz_batch b;
+	mtlz_loss_opts lo;
+	mtlz_losses l;
+
+	NEED_GPU();
+	m = paper_model(63);
+	mtlz_model_set_target(m, 8.6, 0.2);
+	L = mtlz_model_arch(m)->input_length;
+	t[0] = mtlz_trainer_new_kind(m, n, 2, "cuda", err, sizeof(err));
+	t[1] = mtlz_trainer_new_kind(m, n, 2, "cuda", err, sizeof(err));
+	cr_assert(t[0] && t[1], "%s", err);
+	cr_assert_eq(mtlz_trainer_set_precision(t[1], "tf32", err, sizeof(err)), MTLZ_OK, "%s",
+		     err);
+	cr_assert(strstr(mtlz_trainer_describe(t[1]), "tf32"), "%s", mtlz_trainer_describe(t[1]));
+	np = mtlz_trainer_n_params(t[0]);
+	x = malloc((size_t)n * L * sizeof(float));
+	oh = malloc(n * sizeof(float));
+	cls = malloc(n * sizeof(int));
+	spectra(x, n, L, 81);
+	labels(n, cls, oh, 82);
+	b.x = x; b.cls = cls; b.oh = oh; b.n = n;
+	mtlz_loss_opts_default(&lo);
+	lo.train = 1;
+	lo.seed = 83;
+	for (int k = 0; k < 2; k++) {
+		g[k] = malloc(np * sizeof(float));
+		cr_assert_eq(mtlz_trainer_step(t[k], &b, &lo, &l, g[k], NULL, NULL, NULL, err,
+					       sizeof(err)), MTLZ_OK, "%s", err);
+	}
+	{
+		const double e = tensor_rel(g[1], g[0], np);
+
+		cr_log_info("tf32 trainer: gradient rel diff from fp32 %.2e", e);
+		/* TF32 keeps 10 mantissa bits: ~1e-3 per product, less summed */
+		cr_assert_leq(e, 2e-2, "tf32 gradient off by %g", e);
+		cr_assert_gt(e, 0.0, "tf32 gave the fp32 gradient bit for bit: not in use?");
+	}
+	for (int k = 0; k < 2; k++) {
+		mtlz_trainer_free(t[k]);
+		free(g[k]);
+	}
+	mtlz_model_free(m);
+	free(x); free(oh); free(cls);
+}
+
 Test(cuda, cuda_trainer_without_device_says_why)
 {
 	mtlz_model *m;

@@ -249,6 +249,72 @@ Test(train, float_trainer_agrees_with_double)
 	mtlz_model_free(m);
 }
 
+/* train_step = gradient + Adam: from zero moments the first update is,
+ * by hand, p - lr * g / (|g| + eps) (m = 0.1 g, v = 0.001 g^2, bias
+ * corrections 0.1 and 0.001) */
+Test(train, train_step_is_the_gradient_then_one_adam_update)
+{
+	mtlz_model *m = tiny_model(1, 22);
+	mtlz_trainer *t = mtlz_trainer_new(m, B, 2, err, sizeof(err));
+	mtlz_trainer *ref = mtlz_trainer_new(m, B, 2, err, sizeof(err));
+	size_t n = mtlz_trainer_n_params(t);
+	float *g = calloc(n, sizeof(float)), *p0 = malloc(n * sizeof(float));
+	const double lr = 1e-3;
+	double worst = 0;
+	mtlz_adam a;
+	mtlz_batch b;
+	mtlz_loss_opts o;
+	mtlz_losses l, lr_ref;
+	long moved = 0, nonzero = 0;
+
+	cr_assert(t && ref, "%s", err);
+	make_batch(&b, 4);
+	mtlz_loss_opts_default(&o);
+	o.train = 1;
+	o.seed = 9;
+	memcpy(p0, mtlz_trainer_params(t), n * sizeof(float));
+	cr_assert_eq(mtlz_trainer_step(ref, &b, &o, &lr_ref, g, NULL, NULL, NULL, err,
+				       sizeof(err)), 0, "%s", err);
+	cr_assert_eq(mtlz_adam_init(&a, n, lr), 0);
+	cr_assert_eq(mtlz_trainer_train_step(t, &b, &o, &a, &l, err, sizeof(err)), 0, "%s", err);
+	cr_assert_eq(a.t, 1);
+	cr_assert_float_eq(l.total, lr_ref.total, 1e-6 * fabs(lr_ref.total));
+	for (size_t i = 0; i < n; i++) {
+		const double want = p0[i] - lr * g[i] / (fabs(g[i]) + 1e-8);
+		const double got = mtlz_trainer_params(t)[i];
+
+		worst = fmax(worst, fabs(got - want));
+		moved += got != p0[i];
+		nonzero += g[i] != 0;
+	}
+	cr_assert_lt(worst, 1e-6, "worst parameter error after one Adam step: %g", worst);
+	cr_assert_gt(nonzero, 10);
+	cr_assert_eq(moved, nonzero, "%ld parameters moved, %ld have a gradient", moved, nonzero);
+	/* the sync of a CPU trainer is a no-op */
+	cr_assert_eq(mtlz_trainer_sync(t, err, sizeof(err)), 0);
+	mtlz_adam_free(&a);
+	free(g);
+	free(p0);
+	mtlz_trainer_free(t);
+	mtlz_trainer_free(ref);
+	mtlz_model_free(m);
+}
+
+Test(train, cpu_trainer_precision_is_fp32_only)
+{
+	mtlz_model *m = tiny_model(1, 23);
+	mtlz_trainer *t = mtlz_trainer_new(m, B, 1, err, sizeof(err));
+
+	cr_assert_eq(mtlz_trainer_set_precision(t, "fp32", err, sizeof(err)), 0);
+	cr_assert_neq(mtlz_trainer_set_precision(t, "tf32", err, sizeof(err)), 0);
+	cr_assert(strstr(err, "tf32") && strstr(err, "cuda"), "%s", err);
+	cr_assert_neq(mtlz_trainer_set_precision(t, "fp16", err, sizeof(err)), 0);
+	cr_assert(strstr(err, "fp16"), "%s", err);
+	cr_assert_null(mtlz_trainer_input_buffer(t));
+	mtlz_trainer_free(t);
+	mtlz_model_free(m);
+}
+
 Test(train, forward_pass_agrees_with_the_inference_engine)
 {
 	mtlz_model *m = tiny_model(1, 31);

@@ -233,23 +233,27 @@ static void bench_layers(const mtlz_model *m)
 	fflush(stdout);
 }
 
-/* Training steps of a batch of random spectra and labels (half of them
- * star-forming with a metallicity) for `seconds`, after one warm-up step. */
-static int bench_train(mtlz_model *m, const char *kind, int threads, int B, double seconds)
+/* Training steps (mtlz_trainer_train_step: forward, backward, Adam) of a
+ * batch of random spectra and labels (a quarter of them star-forming with
+ * a metallicity) for `seconds`, after one warm-up step; the batch sits in
+ * the trainer's input buffer when it has one, as mtlz-retrain gathers it. */
+static int bench_train(mtlz_model *m, const char *kind, const char *precision, int threads,
+		       int B, double seconds)
 {
 	const int L = mtlz_model_arch(m)->input_length;
-	float *x = malloc((size_t)B * L * sizeof(float)), *oh = malloc((size_t)B * sizeof(float));
+	float *xo = malloc((size_t)B * L * sizeof(float)), *oh = malloc((size_t)B * sizeof(float));
 	int *cls = malloc((size_t)B * sizeof(int)), steps = 0, rc = 0;
 	char err[256] = "out of memory";
 	mtlz_trainer *t = mtlz_trainer_new_kind(m, B, threads, kind, err, sizeof(err));
-	float *g = t ? malloc(mtlz_trainer_n_params(t) * sizeof(float)) : NULL;
+	float *x = t && mtlz_trainer_input_buffer(t) ? mtlz_trainer_input_buffer(t) : xo;
 	mtlz_adam adam = { 0 };
 	mtlz_loss_opts lo;
 	mtlz_losses l;
 	mtlz_rng r;
-	double t0, dt, t_adam = 0;
+	double t0, dt;
 
-	if (!x || !oh || !cls || !t || !g || mtlz_adam_init(&adam, mtlz_trainer_n_params(t), 1e-3)) {
+	if (!xo || !oh || !cls || !t || mtlz_adam_init(&adam, mtlz_trainer_n_params(t), 1e-3) ||
+	    mtlz_trainer_set_precision(t, precision, err, sizeof(err))) {
 		cli_error("bench: training, batch %d: %s", B, err);
 		rc = -1;
 		goto out;
@@ -264,32 +268,39 @@ static int bench_train(mtlz_model *m, const char *kind, int threads, int B, doub
 	mtlz_loss_opts_default(&lo);
 	lo.train = 1;
 	const mtlz_batch b = { x, cls, oh, B };
-	for (t0 = mtlz_now(), dt = 0; steps == 0 || dt < seconds; dt = mtlz_now() - t0) {
-		if (mtlz_trainer_step(t, &b, &lo, &l, g, NULL, NULL, NULL, err, sizeof(err))) {
+	for (t0 = mtlz_now(), dt = 0; steps == 0 || dt < seconds; ) {
+		if (mtlz_trainer_train_step(t, &b, &lo, &adam, &l, err, sizeof(err))) {
 			cli_error("bench: %s", err);
 			rc = -1;
 			goto out;
 		}
-		{
-			const double a0 = mtlz_now();
-
-			mtlz_adam_step(&adam, mtlz_trainer_params(t), g);
-			if (steps)
-				t_adam += mtlz_now() - a0;
-		}
-		if (steps++ == 0)   /* warm-up: first touch of every buffer */
+		if (steps++ == 0) {   /* warm-up: first touch of every buffer */
+			if (mtlz_trainer_sync(t, err, sizeof(err))) {
+				cli_error("bench: %s", err);
+				rc = -1;
+				goto out;
+			}
 			t0 = mtlz_now();
+		}
+		if ((steps - 1) % 16 == 0 || mtlz_now() - t0 >= seconds) {
+			/* the device may run a step behind: count finished work */
+			if (mtlz_trainer_sync(t, err, sizeof(err))) {
+				cli_error("bench: %s", err);
+				rc = -1;
+				goto out;
+			}
+			dt = mtlz_now() - t0;
+		}
 	}
 	steps--;
-	printf("train engine=%s threads=%d batch=%d: %.1f spectra/s, %.4f s/step (Adam on the "
-	       "host %.4f), %.1f s per epoch of 60000\n", kind ? kind : "cpu", threads, B,
-	       steps * B / dt, dt / steps, t_adam / steps, 60000.0 / (steps * B / dt));
+	printf("train engine=%s (%s) threads=%d batch=%d: %.1f spectra/s, %.4f s/step, "
+	       "%.1f s per epoch of 60000\n", kind ? kind : "cpu", mtlz_trainer_describe(t),
+	       threads, B, steps * B / dt, dt / steps, 60000.0 / (steps * B / dt));
 	fflush(stdout);
 out:
 	mtlz_adam_free(&adam);
-	free(g);
 	mtlz_trainer_free(t);
-	free(x);
+	free(xo);
 	free(oh);
 	free(cls);
 	return rc;
@@ -392,7 +403,8 @@ int cmd_bench(int argc, char **argv)
 	if (train) {
 		for (int t = 0; t < n_threads; t++)
 			for (int b = 0; b < n_batches; b++)
-				if (bench_train(m, strcmp(kind, "cuda") == 0 ? "cuda" : NULL, threads[t], batches[b], seconds)) {
+				if (bench_train(m, strcmp(kind, "cuda") == 0 ? "cuda" : NULL, precision,
+						threads[t], batches[b], seconds)) {
 					mtlz_model_free(m);
 					return EXIT_RUNTIME;
 				}

@@ -53,6 +53,7 @@ static const char usage[] =
 	"      --split-validation X  0.2 (the rest is the test split)\n"
 	"      --threads T           all cores\n"
 	"      --engine cpu|cuda     cpu; cuda runs the passes on the GPU (docs/cuda.md)\n"
+	"      --precision fp32|tf32 fp32; tf32: tensor-core GEMMs (cuda only; docs/cuda.md)\n"
 	"      --task both|class|metal   single-task baselines (paper Sec. 4.2.2)\n"
 	"      --no-attention        the attention ablation (paper Sec. 4.3)\n"
 	"      --dropout P           head dropout of a new model (0.5)\n"
@@ -114,6 +115,12 @@ static int apply(struct cfg *c, const char *key, const char *val)
 		if (strcmp(val, "cpu") && strcmp(val, "cuda"))
 			return -2;
 		o->engine = !strcmp(val, "cuda") ? "cuda" : "cpu";
+		return 0;
+	}
+	if (!strcmp(key, "precision")) {
+		if (strcmp(val, "fp32") && strcmp(val, "tf32"))
+			return -2;
+		o->precision = !strcmp(val, "tf32") ? "tf32" : "fp32";
 		return 0;
 	}
 	if (!strcmp(key, "calibrate")) {
@@ -284,6 +291,7 @@ int main(int argc, char **argv)
 		{ "split-validation", required_argument, 0, 1 },
 		{ "threads", required_argument, 0, 1 }, { "task", required_argument, 0, 1 },
 		{ "dropout", required_argument, 0, 1 }, { "engine", required_argument, 0, 1 },
+		{ "precision", required_argument, 0, 1 },
 		{ "help", no_argument, 0, 'h' }, { "version", no_argument, 0, 'V' },
 		{ 0, 0, 0, 0 },
 	};
