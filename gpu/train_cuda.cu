@@ -74,6 +74,8 @@ struct mtlz_cuda_trainer {
 	struct thead head[2];
 	float *x, *X[MTLZ_MAX_BLOCKS + 1], *R1[MTLZ_MAX_BLOCKS], *Y2[MTLZ_MAX_BLOCKS];
 	float *z, *dA, *dB, *tmpw, *ones;
+	float *dwpart;  /* [DW_MAX_BLOCKS][k][32][32]: k_dw_narrow's partial sums */
+	int dw_gemm;    /* MTLZ_CUDA_DW=gemm: every dW by cuBLAS */
 	float *gap, *ah, *as, *feat, *mask, *dfeat, *dg, *dh0, *dh1, *da2, *dha, *dlog, *dmet;
 	float *h_out, *h_dlog, *h_dmet, *h_mask; /* pinned */
 	float *h_x;  /* pinned [Bmax][L]: a batch gathered here is copied asynchronously */
@@ -84,6 +86,9 @@ struct mtlz_cuda_trainer {
 	long prof_steps;
 	double prof_fwd_ms, prof_bwd_ms;
 	cudaEvent_t ev[4];
+	/* per convolution: forward, dW (+ db), dX; events at each boundary */
+	cudaEvent_t cev[NL][5];
+	double prof_conv_ms[NL][3];
 };
 
 /* ---------------------------------------------------------------- kernels */
@@ -190,6 +195,88 @@ __global__ void k_gather(const float *__restrict__ P, int B, int rp, int k, int 
 		}
 	out[idx] = v;
 }
+
+/*
+ * dW of a narrow convolution (cin % 4 == 0, cout * cin <= 1024: the long
+ * early layers, where cuBLAS's GEMMs with a 10^5..10^6-long inner
+ * dimension and a 16 x 16 output ran at a fraction of the bandwidth):
+ *   part[blk][j][co][ci] = sum over the block's rows s of dY[s][co] X[s+j][ci]
+ * A thread owns (co, 4 ci) and all K taps; it walks its rows keeping the K
+ * input rows s..s+K-1 in registers, so each row costs one float4 and one
+ * float load for 4K FMAs. G groups of threads per block split the block's
+ * rows and are summed in shared memory; k_dw_reduce sums the blocks in a
+ * fixed order (deterministic) into PyTorch's [cout][cin][k] layout.
+ */
+template <int K>
+__global__ void k_dw_narrow(const float *__restrict__ X, const float *__restrict__ dY, long M,
+			    int cin, int cout, long R, float *__restrict__ part)
+{
+	extern __shared__ float red[];
+	const int c4 = cin >> 2, set = cout * c4, G = blockDim.x / set, n = K * cout * cin;
+	const int g = threadIdx.x / set, u = threadIdx.x % set;
+	const int co = u / c4, ci = (u % c4) * 4;
+	const long r0 = (long)blockIdx.x * R, per = (R + G - 1) / G;
+	const long a = r0 + (long)g * per;
+	const long b = min(a + per, min(r0 + R, M));
+	float acc[K][4];
+	float4 xw[K];
+
+#pragma unroll
+	for (int j = 0; j < K; j++)
+		acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+	if (a < b) {
+#pragma unroll
+		for (int j = 0; j < K - 1; j++)
+			xw[j] = *(const float4 *)(X + (a + j) * cin + ci);
+#pragma unroll 4
+		for (long s = a; s < b; s++) {
+			const float d = dY[s * cout + co];
+
+			xw[K - 1] = *(const float4 *)(X + (s + K - 1) * cin + ci);
+#pragma unroll
+			for (int j = 0; j < K; j++) {
+				acc[j][0] += d * xw[j].x;
+				acc[j][1] += d * xw[j].y;
+				acc[j][2] += d * xw[j].z;
+				acc[j][3] += d * xw[j].w;
+			}
+#pragma unroll
+			for (int j = 0; j < K - 1; j++)
+				xw[j] = xw[j + 1];
+		}
+	}
+#pragma unroll
+	for (int j = 0; j < K; j++)
+		for (int q = 0; q < 4; q++)
+			red[(size_t)g * n + ((size_t)j * cout + co) * cin + ci + q] = acc[j][q];
+	__syncthreads();
+	for (int o = threadIdx.x; o < n; o += blockDim.x) {
+		float v = 0.0f;
+
+		for (int gg = 0; gg < G; gg++)
+			v += red[(size_t)gg * n + o];
+		part[(size_t)blockIdx.x * n + o] = v;
+	}
+}
+
+/* grad[(co*cin + ci)*k + j] = sum over blocks of part[blk][j][co][ci] */
+__global__ void k_dw_reduce(const float *__restrict__ part, int nblk, int k, int cout, int cin,
+			    float *__restrict__ grad)
+{
+	const int n = k * cout * cin, o = blockIdx.x * blockDim.x + threadIdx.x;
+
+	if (o >= n)
+		return;
+	const int j = o / (cout * cin), co = (o / cin) % cout, ci = o % cin;
+	float v = 0.0f;
+
+	for (int b = 0; b < nblk; b++)
+		v += part[(size_t)b * n + o];
+	grad[((size_t)co * cin + ci) * k + j] = v;
+}
+
+#define DW_MAX_BLOCKS 1024
+#define DW_THREADS 256
 
 /* grad[ow + (co*cin + ci)*k + j] = T[j][co][ci] */
 __global__ void k_scatter_dw(const float *__restrict__ T, int cin, int cout, int k,
@@ -317,6 +404,7 @@ static int alloc_all(struct mtlz_cuda_trainer *t, char *errstr, size_t errstr_si
 	DALLOC(t->dA, (size_t)B * dmax);
 	DALLOC(t->dB, (size_t)B * dmax);
 	DALLOC(t->tmpw, wmax);
+	DALLOC(t->dwpart, (size_t)DW_MAX_BLOCKS * k * 1024);
 	DALLOC(t->ones, (size_t)B * rmax);
 	mtlz_cu_fill(t->ones, (size_t)B * rmax, 1.0f, t->st);
 	DALLOC(t->gap, (size_t)B * t->C);
@@ -355,8 +443,17 @@ extern "C" void mtlz_cuda_trainer_free(struct mtlz_cuda_trainer *t)
 			fprintf(stderr, "cuda trainer profile: %ld steps, forward %.3f ms, backward "
 				"%.3f ms per step (device time, batch <= %d)\n", t->prof_steps,
 				t->prof_fwd_ms / t->prof_steps, t->prof_bwd_ms / t->prof_steps, t->Bmax);
+		for (int i = 0; t->prof_steps && i < 2 * t->nb; i++)
+			fprintf(stderr, "cuda trainer profile: conv %d.%d (%d -> %d): forward %.3f, "
+				"dW %.3f, dX %.3f ms per step\n", i / 2 + 1, i % 2 + 1, t->conv[i].cin,
+				t->conv[i].cout, t->prof_conv_ms[i][0] / t->prof_steps,
+				t->prof_conv_ms[i][1] / t->prof_steps,
+				t->prof_conv_ms[i][2] / t->prof_steps);
 		for (int i = 0; i < 4; i++)
 			cudaEventDestroy(t->ev[i]);
+		for (int i = 0; i < NL; i++)
+			for (int j = 0; j < 5; j++)
+				cudaEventDestroy(t->cev[i][j]);
 	}
 	cudaFree(t->p); cudaFree(t->g); cudaFree(t->x); cudaFree(t->am); cudaFree(t->av);
 	for (int b = 0; b <= MTLZ_MAX_BLOCKS; b++)
@@ -370,6 +467,7 @@ extern "C" void mtlz_cuda_trainer_free(struct mtlz_cuda_trainer *t)
 		cudaFree(t->conv[i].wt);
 	}
 	cudaFree(t->z); cudaFree(t->dA); cudaFree(t->dB); cudaFree(t->tmpw); cudaFree(t->ones);
+	cudaFree(t->dwpart);
 	cudaFree(t->gap); cudaFree(t->ah); cudaFree(t->as); cudaFree(t->feat); cudaFree(t->mask);
 	cudaFree(t->dfeat); cudaFree(t->dg); cudaFree(t->dh0); cudaFree(t->dh1); cudaFree(t->da2);
 	cudaFree(t->dha); cudaFree(t->dlog); cudaFree(t->dmet);
@@ -498,8 +596,12 @@ extern "C" struct mtlz_cuda_trainer *mtlz_cuda_trainer_new(const mtlz_model *m, 
 		return NULL;
 	}
 	t->profile = getenv("MTLZ_CUDA_PROFILE") && atoi(getenv("MTLZ_CUDA_PROFILE")) > 0;
+	t->dw_gemm = getenv("MTLZ_CUDA_DW") && strcmp(getenv("MTLZ_CUDA_DW"), "gemm") == 0;
 	for (int i = 0; t->profile && i < 4; i++)
 		cudaEventCreate(&t->ev[i]);
+	for (int i = 0; t->profile && i < NL; i++)
+		for (int j = 0; j < 5; j++)
+			cudaEventCreate(&t->cev[i][j]);
 	snprintf(t->desc, sizeof(t->desc), "cuda device=%d %.64s (sm_%d%d) batch<=%d fp32", t->dev,
 		 prop.name, prop.major, prop.minor, max_batch);
 	return t;
@@ -562,16 +664,32 @@ static int linear_bwd(struct mtlz_cuda_trainer *t, const float *X, const float *
 }
 
 /* conv forward: X [B][rows_in][cin] padded -> relu(conv) padded [B][lout + 2 pad][cout] */
+/* k_dw_narrow's shapes: 4 | cin, cout * cin <= 1024, 3 or 5 taps */
+static int dw_narrow_fits(const struct mtlz_cuda_trainer *t, const struct tconv *cv)
+{
+	return !t->dw_gemm && cv->cin % 4 == 0 && cv->cout * cv->cin <= 1024 &&
+	       (t->k == 3 || t->k == 5);
+}
+
+#define PROF(cv, j)                                                            \
+	do {                                                                   \
+		if (t->profile)                                                \
+			cudaEventRecord(t->cev[(cv) - t->conv][j], t->st);     \
+	} while (0)
+
 static int conv_fwd(struct mtlz_cuda_trainer *t, const struct tconv *cv, const float *X,
 		    int rows_in, int lout, float *Y, char *errstr, size_t errstr_size)
 {
 	const int N = t->k * cv->cout;
+
+	PROF(cv, 0);
 
 	BLAS_TRY(cublasSgemm(t->blas, CUBLAS_OP_N, CUBLAS_OP_N, N, t->B * rows_in, cv->cin, &one,
 			     cv->wc, N, X, cv->cin, &zero, t->z, N));
 	mtlz_cu_conv_epilogue(t->z, t->B, rows_in, lout, cv->cout, t->k, t->p + cv->ob, t->pad,
 			      Y, t->st);
 	LAUNCH_TRY("conv_epilogue");
+	PROF(cv, 1);
 	return MTLZ_OK;
 }
 
@@ -585,21 +703,43 @@ static int conv_bwd(struct mtlz_cuda_trainer *t, const struct tconv *cv, const f
 	const int k = t->k, M = t->B * rows - (k - 1);
 	const size_t nw = (size_t)cv->cout * cv->cin;
 
-	for (int j = 0; j < k; j++)
-		BLAS_TRY(cublasSgemm(t->blas, CUBLAS_OP_N, CUBLAS_OP_T, cv->cin, cv->cout, M, &one,
-				     X + (size_t)j * cv->cin, cv->cin, dY, cv->cout, &zero,
-				     t->tmpw + j * nw, cv->cin));
-	k_scatter_dw<<<GRID(nw * k)>>>(t->tmpw, cv->cin, cv->cout, k, t->g + cv->ow);
-	LAUNCH_TRY("scatter_dw");
+	PROF(cv, 2);
+	if (dw_narrow_fits(t, cv)) {
+		const int set = cv->cout * (cv->cin / 4), threads = DW_THREADS / set * set;
+		const long R = MTLZ_MAX(2048L, ((long)M + DW_MAX_BLOCKS - 1) / DW_MAX_BLOCKS);
+		const int nblk = (int)(((long)M + R - 1) / R);
+		const size_t shm = (size_t)(threads / set) * k * nw * sizeof(float);
+
+		if (k == 3)
+			k_dw_narrow<3><<<nblk, threads, shm, t->st>>>(X, dY, M, cv->cin, cv->cout, R,
+								     t->dwpart);
+		else
+			k_dw_narrow<5><<<nblk, threads, shm, t->st>>>(X, dY, M, cv->cin, cv->cout, R,
+								     t->dwpart);
+		LAUNCH_TRY("dw_narrow");
+		k_dw_reduce<<<GRID(nw * k)>>>(t->dwpart, nblk, k, cv->cout, cv->cin, t->g + cv->ow);
+		LAUNCH_TRY("dw_reduce");
+	} else {
+		for (int j = 0; j < k; j++)
+			BLAS_TRY(cublasSgemm(t->blas, CUBLAS_OP_N, CUBLAS_OP_T, cv->cin, cv->cout, M,
+					     &one, X + (size_t)j * cv->cin, cv->cin, dY, cv->cout,
+					     &zero, t->tmpw + j * nw, cv->cin));
+		k_scatter_dw<<<GRID(nw * k)>>>(t->tmpw, cv->cin, cv->cout, k, t->g + cv->ow);
+		LAUNCH_TRY("scatter_dw");
+	}
 	BLAS_TRY(cublasSgemv(t->blas, CUBLAS_OP_N, cv->cout, t->B * rows, &one, dY, cv->cout,
 			     t->ones, 1, &zero, t->g + cv->ob, 1));
-	if (!dX)
+	PROF(cv, 3);
+	if (!dX) {
+		PROF(cv, 4);
 		return MTLZ_OK;
+	}
 	BLAS_TRY(cublasSgemm(t->blas, CUBLAS_OP_N, CUBLAS_OP_N, k * cv->cin, t->B * rows, cv->cout,
 			     &one, cv->wt, k * cv->cin, dY, cv->cout, &zero, t->z, k * cv->cin));
 	k_gather<<<GRID((size_t)t->B * rows * cv->cin)>>>(t->z, t->B, rows, k, cv->cin, t->pad,
 							   n_out, mask, rows, dX);
 	LAUNCH_TRY("gather");
+	PROF(cv, 4);
 	return MTLZ_OK;
 }
 
@@ -669,9 +809,11 @@ static int step(struct mtlz_cuda_trainer *t, const float *params, const mtlz_bat
 			const struct tconv *c1 = &t->conv[2 * b], *c2 = &t->conv[2 * b + 1];
 
 			if (c1->cin == 1) {
+				PROF(c1, 0);
 				mtlz_cu_conv_first(t->x, B, t->L, t->p + c1->ow, t->p + c1->ob, c1->cout,
 						   t->k, pad, t->R1[b], t->st);
 				LAUNCH_TRY("conv_first");
+				PROF(c1, 1);
 			} else if ((rc = conv_fwd(t, c1, t->X[b], t->rp0[b], t->l1[b], t->R1[b],
 						  errstr, errstr_size))) {
 				goto out;
@@ -809,6 +951,15 @@ static int step(struct mtlz_cuda_trainer *t, const float *params, const mtlz_bat
 			cudaEventElapsedTime(&bw, t->ev[2], t->ev[3]);
 			t->prof_fwd_ms += f;
 			t->prof_bwd_ms += bw;
+			for (int i = 0; i < 2 * nb; i++) {
+				float e[3] = { 0, 0, 0 };
+
+				cudaEventElapsedTime(&e[0], t->cev[i][0], t->cev[i][1]);
+				cudaEventElapsedTime(&e[1], t->cev[i][2], t->cev[i][3]);
+				cudaEventElapsedTime(&e[2], t->cev[i][3], t->cev[i][4]);
+				for (int j = 0; j < 3; j++)
+					t->prof_conv_ms[i][j] += e[j];
+			}
 			t->prof_steps++;
 		}
 	}

@@ -625,6 +625,24 @@ Test(cuda, train_step_gradients_match_cpu_other_shapes)
 	}
 }
 
+/* the same with every dW by cuBLAS GEMMs instead of the narrow-layer kernel */
+Test(cuda, train_step_gradients_match_cpu_dw_by_gemm, .timeout = 300)
+{
+	mtlz_model *m;
+
+	NEED_GPU();
+	setenv("MTLZ_CUDA_DW", "gemm", 1);
+	m = paper_model(54);
+	mtlz_model_set_target(m, 8.6, 0.2);
+	train_parity(m, 5, 1e-4, 1e-3);
+	mtlz_model_free(m);
+	for (int v = 0; v < 3; v++) {
+		m = v == 2 ? pool2_model(55) : odd_model(56 + (uint64_t)v, v);
+		train_parity(m, 7, 1e-4, 1e-3);
+		mtlz_model_free(m);
+	}
+}
+
 Test(cuda, training_steps_with_adam_match_cpu, .timeout = 300)
 {
 	const int n = 8, steps = 6;
