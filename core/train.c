@@ -282,8 +282,9 @@ int mtlz_trainer_step(mtlz_trainer *t, const mtlz_batch *b, const mtlz_loss_opts
 					"cuda trainer: no input gradient (dx)");
 		if ((rc = mtlz_trainer_sync(t, errstr, errstr_size)))
 			return rc;
-		return mtlz_cuda_trainer_step(t->cuda, t->p, b, o, loss, grad, logits, metal,
-					      errstr, errstr_size);
+		/* the device has these parameters already after train_step and a sync */
+		return mtlz_cuda_trainer_step(t->cuda, t->dev_current ? NULL : t->p, b, o, loss,
+					      grad, logits, metal, errstr, errstr_size);
 	}
 #endif
 	return trf_step(t, b->x, NULL, b, o, loss, grad, dx, logits, metal, errstr, errstr_size);

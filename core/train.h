@@ -119,8 +119,9 @@ void mtlz_train_losses(const float *logits, const float *metal, const mtlz_batch
  * p_drop is 0. The CPU passes draw exactly these. */
 void mtlz_train_dropout_masks(float *mask, int B, int C, int head, float p_drop, uint64_t seed);
 
-/* The CUDA trainer (gpu/train_cuda.cu, CUDA builds only): step() reads the
- * packed parameters params[] (host, canonical order), writes grad[] (host). */
+/* The CUDA trainer (gpu/train_cuda.cu, CUDA builds only): step() uploads
+ * the packed parameters params[] (host, canonical order; NULL: the device's
+ * are current), writes grad[] (host). */
 struct mtlz_cuda_trainer;
 struct mtlz_cuda_trainer *mtlz_cuda_trainer_new(const mtlz_model *m, int max_batch,
 						char *errstr, size_t errstr_size);

@@ -49,6 +49,9 @@ struct tconv {
 	size_t ow, ob;
 	float *wc;   /* [cin][k*cout] forward */
 	float *wt;   /* [cout][k*cin] backward */
+	float *wd;   /* [k][cin][cout] the direct kernel's */
+	int fwd;     /* forward: 0 GEMM + epilogue, 1 direct kernel (conv_direct.cu) */
+	int dw;      /* dW: 0 one GEMM per tap, 1/2 k_dw_narrow with ~2048/~256 rows a block */
 };
 
 struct thead {
@@ -59,7 +62,7 @@ struct thead {
 
 struct mtlz_cuda_trainer {
 	int dev, Bmax, B, nb, k, pad, pool, C, H, K, L, maxw;
-	char desc[256];
+	char desc[256], dev_desc[128];
 	cudaStream_t st;
 	cublasHandle_t blas;
 	void *ws;
@@ -75,7 +78,6 @@ struct mtlz_cuda_trainer {
 	float *x, *X[MTLZ_MAX_BLOCKS + 1], *R1[MTLZ_MAX_BLOCKS], *Y2[MTLZ_MAX_BLOCKS];
 	float *z, *dA, *dB, *tmpw, *ones;
 	float *dwpart;  /* [DW_MAX_BLOCKS][k][32][32]: k_dw_narrow's partial sums */
-	int dw_gemm;    /* MTLZ_CUDA_DW=gemm: every dW by cuBLAS */
 	float *gap, *ah, *as, *feat, *mask, *dfeat, *dg, *dh0, *dh1, *da2, *dha, *dlog, *dmet;
 	float *h_out, *h_dlog, *h_dmet, *h_mask; /* pinned */
 	float *h_x;  /* pinned [Bmax][L]: a batch gathered here is copied asynchronously */
@@ -93,9 +95,9 @@ struct mtlz_cuda_trainer {
 
 /* ---------------------------------------------------------------- kernels */
 
-/* wc[ci][j*cout + co] = wt[co][j*cin + ci] = W[co][ci][j] */
+/* wc[ci][j*cout + co] = wt[co][j*cin + ci] = wd[j][ci][co] = W[co][ci][j] */
 __global__ void k_repack(const float *__restrict__ W, int cin, int cout, int k,
-			 float *__restrict__ wc, float *__restrict__ wt)
+			 float *__restrict__ wc, float *__restrict__ wt, float *__restrict__ wd)
 {
 	const int idx = blockIdx.x * blockDim.x + threadIdx.x;
 
@@ -106,6 +108,7 @@ __global__ void k_repack(const float *__restrict__ W, int cin, int cout, int k,
 
 	wc[(size_t)ci * k * cout + j * cout + co] = v;
 	wt[(size_t)co * k * cin + j * cin + ci] = v;
+	wd[((size_t)j * cin + ci) * cout + co] = v;
 }
 
 /* X0[b][pad + t] = x[b][t], zero padding rows (one channel) */
@@ -354,6 +357,8 @@ __global__ void k_gap_bwd(const float *__restrict__ dg, int B, int Lf, int rows,
 
 static const float one = 1.0f, zero = 0.0f;
 
+static int autotune(struct mtlz_cuda_trainer *t, char *errstr, size_t errstr_size);
+
 static long offset_of(const mtlz_model *m, const char *name)
 {
 	size_t off = 0;
@@ -396,6 +401,7 @@ static int alloc_all(struct mtlz_cuda_trainer *t, char *errstr, size_t errstr_si
 
 			DALLOC(cv->wc, (size_t)cv->cin * k * cv->cout);
 			DALLOC(cv->wt, (size_t)cv->cin * k * cv->cout);
+			DALLOC(cv->wd, (size_t)cv->cin * k * cv->cout);
 		}
 	}
 	DALLOC(t->X[t->nb], (size_t)B * (t->len[t->nb] + 2 * t->pad) * t->C);
@@ -465,6 +471,7 @@ extern "C" void mtlz_cuda_trainer_free(struct mtlz_cuda_trainer *t)
 	for (int i = 0; i < NL; i++) {
 		cudaFree(t->conv[i].wc);
 		cudaFree(t->conv[i].wt);
+		cudaFree(t->conv[i].wd);
 	}
 	cudaFree(t->z); cudaFree(t->dA); cudaFree(t->dB); cudaFree(t->tmpw); cudaFree(t->ones);
 	cudaFree(t->dwpart);
@@ -596,14 +603,18 @@ extern "C" struct mtlz_cuda_trainer *mtlz_cuda_trainer_new(const mtlz_model *m, 
 		return NULL;
 	}
 	t->profile = getenv("MTLZ_CUDA_PROFILE") && atoi(getenv("MTLZ_CUDA_PROFILE")) > 0;
-	t->dw_gemm = getenv("MTLZ_CUDA_DW") && strcmp(getenv("MTLZ_CUDA_DW"), "gemm") == 0;
 	for (int i = 0; t->profile && i < 4; i++)
 		cudaEventCreate(&t->ev[i]);
 	for (int i = 0; t->profile && i < NL; i++)
 		for (int j = 0; j < 5; j++)
 			cudaEventCreate(&t->cev[i][j]);
-	snprintf(t->desc, sizeof(t->desc), "cuda device=%d %.64s (sm_%d%d) batch<=%d fp32", t->dev,
+	snprintf(t->dev_desc, sizeof(t->dev_desc), "cuda device=%d %.64s (sm_%d%d) batch<=%d", t->dev,
 		 prop.name, prop.major, prop.minor, max_batch);
+	if (autotune(t, errstr, errstr_size)) {
+		mtlz_cuda_trainer_free(t);
+		cudaGetLastError();
+		return NULL;
+	}
 	return t;
 }
 
@@ -620,17 +631,11 @@ extern "C" float *mtlz_cuda_trainer_input_buffer(struct mtlz_cuda_trainer *t)
 extern "C" int mtlz_cuda_trainer_set_tf32(struct mtlz_cuda_trainer *t, int on, char *errstr,
 					  size_t errstr_size)
 {
-	char *p;
-
 	CU_TRY(cudaSetDevice(t->dev));
 	BLAS_TRY(cublasSetMathMode(t->blas, on ? CUBLAS_TF32_TENSOR_OP_MATH :
 						 CUBLAS_PEDANTIC_MATH));
 	t->tf32 = !!on;
-	p = strrchr(t->desc, ' ');
-	if (p)
-		snprintf(p + 1, sizeof(t->desc) - (size_t)(p + 1 - t->desc), "%s",
-			 on ? "tf32" : "fp32");
-	return MTLZ_OK;
+	return autotune(t, errstr, errstr_size);   /* the GEMMs' speed changed */
 }
 
 /* ------------------------------------------------------------------ step */
@@ -667,8 +672,7 @@ static int linear_bwd(struct mtlz_cuda_trainer *t, const float *X, const float *
 /* k_dw_narrow's shapes: 4 | cin, cout * cin <= 1024, 3 or 5 taps */
 static int dw_narrow_fits(const struct mtlz_cuda_trainer *t, const struct tconv *cv)
 {
-	return !t->dw_gemm && cv->cin % 4 == 0 && cv->cout * cv->cin <= 1024 &&
-	       (t->k == 3 || t->k == 5);
+	return cv->cin % 4 == 0 && cv->cout * cv->cin <= 1024 && (t->k == 3 || t->k == 5);
 }
 
 #define PROF(cv, j)                                                            \
@@ -683,7 +687,13 @@ static int conv_fwd(struct mtlz_cuda_trainer *t, const struct tconv *cv, const f
 	const int N = t->k * cv->cout;
 
 	PROF(cv, 0);
-
+	if (cv->fwd) {
+		mtlz_cu_conv_direct(X, t->B, rows_in, cv->cin, cv->wd, t->p + cv->ob, cv->cout, lout,
+				    1, t->pad, Y, t->st);
+		LAUNCH_TRY("conv_direct");
+		PROF(cv, 1);
+		return MTLZ_OK;
+	}
 	BLAS_TRY(cublasSgemm(t->blas, CUBLAS_OP_N, CUBLAS_OP_N, N, t->B * rows_in, cv->cin, &one,
 			     cv->wc, N, X, cv->cin, &zero, t->z, N));
 	mtlz_cu_conv_epilogue(t->z, t->B, rows_in, lout, cv->cout, t->k, t->p + cv->ob, t->pad,
@@ -704,9 +714,12 @@ static int conv_bwd(struct mtlz_cuda_trainer *t, const struct tconv *cv, const f
 	const size_t nw = (size_t)cv->cout * cv->cin;
 
 	PROF(cv, 2);
-	if (dw_narrow_fits(t, cv)) {
+	if (cv->dw) {
 		const int set = cv->cout * (cv->cin / 4), threads = DW_THREADS / set * set;
-		const long R = MTLZ_MAX(2048L, ((long)M + DW_MAX_BLOCKS - 1) / DW_MAX_BLOCKS);
+		const long want = MTLZ_MIN((long)DW_MAX_BLOCKS,
+					   MTLZ_MAX(1L, (long)M / (cv->dw == 1 ? 2048 : 256)));
+		const long R = MTLZ_MAX(((long)M + want - 1) / want,
+					((long)M + DW_MAX_BLOCKS - 1) / DW_MAX_BLOCKS);
 		const int nblk = (int)(((long)M + R - 1) / R);
 		const size_t shm = (size_t)(threads / set) * k * nw * sizeof(float);
 
@@ -741,6 +754,111 @@ static int conv_bwd(struct mtlz_cuda_trainer *t, const struct tconv *cv, const f
 	LAUNCH_TRY("gather");
 	PROF(cv, 4);
 	return MTLZ_OK;
+}
+
+/* mean milliseconds of 3 runs of op() after one */
+template <typename F>
+static int time_op(struct mtlz_cuda_trainer *t, cudaEvent_t e[2], F op, float *ms,
+		   char *errstr, size_t errstr_size)
+{
+	int rc = op();
+
+	CU_TRY(cudaEventRecord(e[0], t->st));
+	for (int r = 0; r < 3 && !rc; r++)
+		rc = op();
+	CU_TRY(cudaEventRecord(e[1], t->st));
+	CU_TRY(cudaEventSynchronize(e[1]));
+	CU_TRY(cudaEventElapsedTime(ms, e[0], e[1]));
+	*ms /= 3;
+	return rc;
+}
+
+/*
+ * Every convolution's forward (GEMM + epilogue, or the direct kernel where
+ * conv_direct.cu takes the shape) and dW (a GEMM per tap, or k_dw_narrow
+ * at ~2048 or ~256 rows a block) timed at the largest batch, the fastest
+ * kept: which wins depends on the layer's length and width, the batch and
+ * the precision (the direct kernels are fp32 FMA only). The buffers' values
+ * do not matter to the timing. MTLZ_CUDA_TRAIN_CONV=gemm|direct and
+ * MTLZ_CUDA_DW=gemm|narrow|narrow2048 force a path where it applies.
+ */
+static int autotune(struct mtlz_cuda_trainer *t, char *errstr, size_t errstr_size)
+{
+	const char *fe = getenv("MTLZ_CUDA_TRAIN_CONV"), *de = getenv("MTLZ_CUDA_DW");
+	char fs[NL + 1] = "", ds[NL + 1] = "";
+	cudaEvent_t e[2] = { 0, 0 };
+	int rc = MTLZ_OK;
+
+	t->B = t->Bmax;
+	if (cudaSetDevice(t->dev) != cudaSuccess || cudaEventCreate(&e[0]) != cudaSuccess ||
+	    cudaEventCreate(&e[1]) != cudaSuccess) {
+		rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_IO, "cuda trainer: autotune: %s",
+			      cudaGetErrorString(cudaGetLastError()));
+		goto out;
+	}
+	for (int i = 0; i < 2 * t->nb && rc == MTLZ_OK; i++) {
+		struct tconv *cv = &t->conv[i];
+		const int b = i / 2, second = i % 2;
+		const float *X = second ? t->R1[b] : t->X[b];
+		float *Y = second ? t->Y2[b] : t->R1[b];
+		const int rows = second ? t->rp1[b] : t->rp0[b], lout = second ? t->l2[b] : t->l1[b];
+		int fcand[2], nf = 0, dcand[3], nd = 0;
+		float best = INFINITY, ms = 0;
+
+		if (cv->cin > 1) {   /* the first layer is conv_first, always */
+			const int direct = mtlz_cu_conv_direct_ok(cv->cin, cv->cout, t->k, 1);
+
+			if (!fe || strcmp(fe, "direct") || !direct)
+				fcand[nf++] = 0;
+			if (direct && (!fe || strcmp(fe, "gemm")))
+				fcand[nf++] = 1;
+		}
+		cv->fwd = nf ? fcand[0] : 0;
+		for (int c = 0; nf > 1 && c < nf && rc == MTLZ_OK; c++) {
+			cv->fwd = fcand[c];
+			rc = time_op(t, e, [&] { return conv_fwd(t, cv, X, rows, lout, Y, errstr,
+								 errstr_size); }, &ms, errstr,
+				     errstr_size);
+			if (ms < best) {
+				best = ms;
+				fcand[0] = fcand[c];
+			}
+		}
+		cv->fwd = nf ? fcand[0] : 0;
+		if (!de || !dw_narrow_fits(t, cv) || !strcmp(de, "gemm"))
+			dcand[nd++] = 0;
+		if (dw_narrow_fits(t, cv) && (!de || !strcmp(de, "narrow2048")))
+			dcand[nd++] = 1;
+		if (dw_narrow_fits(t, cv) && (!de || !strcmp(de, "narrow")))
+			dcand[nd++] = 2;
+		best = INFINITY;
+		for (int c = 0; nd > 1 && c < nd && rc == MTLZ_OK; c++) {
+			cv->dw = dcand[c];
+			rc = time_op(t, e, [&] { return conv_bwd(t, cv, X, t->dA, rows, NULL, 0, NULL,
+								 errstr, errstr_size); }, &ms, errstr,
+				     errstr_size);
+			if (ms < best) {
+				best = ms;
+				dcand[0] = dcand[c];
+			}
+		}
+		cv->dw = dcand[0];
+		fs[i] = cv->cin == 1 ? 'f' : cv->fwd ? 'd' : 'g';
+		ds[i] = "gNn"[cv->dw];
+	}
+	fs[2 * t->nb] = ds[2 * t->nb] = '\0';
+	snprintf(t->desc, sizeof(t->desc), "%s %s fwd=%s dW=%s", t->dev_desc,
+		 t->tf32 ? "tf32" : "fp32", fs, ds);
+out:
+	if (e[0])
+		cudaEventDestroy(e[0]);
+	if (e[1])
+		cudaEventDestroy(e[1]);
+	if (rc != MTLZ_OK) {
+		cudaStreamSynchronize(t->st);
+		cudaGetLastError();
+	}
+	return rc;
 }
 
 static int step(struct mtlz_cuda_trainer *t, const float *params, const mtlz_batch *bt,
@@ -790,7 +908,7 @@ static int step(struct mtlz_cuda_trainer *t, const float *params, const mtlz_bat
 			const struct tconv *cv = &t->conv[i];
 
 			k_repack<<<GRID(cv->cout * cv->cin * t->k)>>>(t->p + cv->ow, cv->cin, cv->cout,
-								       t->k, cv->wc, cv->wt);
+								       t->k, cv->wc, cv->wt, cv->wd);
 		}
 		LAUNCH_TRY("repack");
 		CU_TRY(cudaMemcpyAsync(t->x, bt->x, (size_t)B * t->L * sizeof(float),

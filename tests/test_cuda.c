@@ -625,13 +625,15 @@ Test(cuda, train_step_gradients_match_cpu_other_shapes)
 	}
 }
 
-/* the same with every dW by cuBLAS GEMMs instead of the narrow-layer kernel */
-Test(cuda, train_step_gradients_match_cpu_dw_by_gemm, .timeout = 300)
+/* the same on each path the trainer's autotuning can take: every
+ * convolution by GEMMs; the direct forward kernel and k_dw_narrow at
+ * either block size wherever they take the shape */
+static void train_parity_forced(const char *fwd, const char *dw)
 {
 	mtlz_model *m;
 
-	NEED_GPU();
-	setenv("MTLZ_CUDA_DW", "gemm", 1);
+	setenv("MTLZ_CUDA_TRAIN_CONV", fwd, 1);
+	setenv("MTLZ_CUDA_DW", dw, 1);
 	m = paper_model(54);
 	mtlz_model_set_target(m, 8.6, 0.2);
 	train_parity(m, 5, 1e-4, 1e-3);
@@ -639,6 +641,33 @@ Test(cuda, train_step_gradients_match_cpu_dw_by_gemm, .timeout = 300)
 	for (int v = 0; v < 3; v++) {
 		m = v == 2 ? pool2_model(55) : odd_model(56 + (uint64_t)v, v);
 		train_parity(m, 7, 1e-4, 1e-3);
+		mtlz_model_free(m);
+	}
+}
+
+Test(cuda, train_step_gradients_match_cpu_gemm_paths, .timeout = 300)
+{
+	NEED_GPU();
+	train_parity_forced("gemm", "gemm");
+}
+
+Test(cuda, train_step_gradients_match_cpu_direct_and_narrow_dw, .timeout = 300)
+{
+	NEED_GPU();
+	train_parity_forced("direct", "narrow");
+	train_parity_forced("direct", "narrow2048");
+	{
+		/* and the paths were taken: conv 1.2 (16 -> 16) takes both */
+		mtlz_model *m = paper_model(57);
+		char err[256];
+		mtlz_trainer *t = mtlz_trainer_new_kind(m, 4, 1, "cuda", err, sizeof(err));
+		const char *d;
+
+		cr_assert_not_null(t, "%s", err);
+		d = mtlz_trainer_describe(t);
+		cr_log_info("%s", d);
+		cr_assert(strstr(d, "fwd=fd") && strstr(d, "dW=gN"), "%s", d);
+		mtlz_trainer_free(t);
 		mtlz_model_free(m);
 	}
 }
