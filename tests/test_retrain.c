@@ -300,3 +300,23 @@ Test(retrain, cli_sigint_checkpoints_and_resume_finishes)
 	snprintf(cmd, sizeof(cmd), "grep -q 'bad.yaml:3:13: plateau.patience' %s/bad.log", dir);
 	cr_assert_eq(system(cmd), 0, "names file, line, column and key");
 }
+
+/* --precision: tf32 is for the GPU trainer; the CPU one says so and writes
+ * nothing; a precision that does not exist is a usage error */
+Test(retrain, cli_precision_tf32_needs_the_cuda_trainer)
+{
+	char cmd[1024], out[160];
+
+	write_archive(40);
+	snprintf(out, sizeof(out), "%s/p.safetensors", dir);
+	snprintf(cmd, sizeof(cmd), MTLZ_BIN_DIR "/mtlz-retrain --data %s -o %s --epochs 1 "
+		 "--engine cpu --precision tf32 2>%s/p.log", archive, out, dir);
+	cr_assert_eq(WEXITSTATUS(system(cmd)), 1);
+	snprintf(cmd, sizeof(cmd), "grep -q 'precision tf32 needs the cuda trainer' %s/p.log", dir);
+	cr_assert_eq(system(cmd), 0, "the reason is said (see %s/p.log)", dir);
+	snprintf(cmd, sizeof(cmd), "test -e %s", out);
+	cr_assert_neq(system(cmd), 0, "no model was written");
+	snprintf(cmd, sizeof(cmd), MTLZ_BIN_DIR "/mtlz-retrain --data %s -o %s --precision bf16 "
+		 "2>%s/p2.log", archive, out, dir);
+	cr_assert_eq(WEXITSTATUS(system(cmd)), 2);
+}
