@@ -672,58 +672,91 @@ Test(cuda, train_step_gradients_match_cpu_direct_and_narrow_dw, .timeout = 300)
 	}
 }
 
-Test(cuda, training_steps_with_adam_match_cpu, .timeout = 300)
-{
-	const int n = 8, steps = 6;
+/* A CPU and a CUDA trainer of the pool-2 model, their Adam states and a
+ * batch of n spectra: the two Adam tests below */
+struct twin {
 	mtlz_model *m;
 	mtlz_trainer *t[2];
 	mtlz_adam ad[2];
-	char err[512];
-	float *x, *oh, *g;
-	int *cls, L;
+	float *x, *oh;
+	int *cls, n, L;
 	size_t np;
+};
+
+static void twin_open(struct twin *w, uint64_t seed, int n, double lr)
+{
+	char err[512];
+
+	w->m = pool2_model(seed);
+	w->n = n;
+	w->L = mtlz_model_arch(w->m)->input_length;
+	w->t[0] = mtlz_trainer_new_kind(w->m, n, 2, "cpu", err, sizeof(err));
+	w->t[1] = mtlz_trainer_new_kind(w->m, n, 2, "cuda", err, sizeof(err));
+	cr_assert(w->t[0] && w->t[1], "%s", err);
+	w->np = mtlz_trainer_n_params(w->t[0]);
+	w->x = malloc((size_t)n * w->L * sizeof(float));
+	w->oh = malloc(n * sizeof(float));
+	w->cls = malloc(n * sizeof(int));
+	for (int k = 0; k < 2; k++)
+		cr_assert_eq(mtlz_adam_init(&w->ad[k], w->np, lr), MTLZ_OK);
+}
+
+/* step s's batch: spectra, labels and dropout seed from seed0 + s */
+static mtlz_batch twin_batch(struct twin *w, uint64_t seed0, int s, mtlz_loss_opts *lo)
+{
+	const mtlz_batch b = { w->x, w->cls, w->oh, w->n };
+
+	spectra(w->x, w->n, w->L, seed0 + (uint64_t)s);
+	labels(w->n, w->cls, w->oh, seed0 + 100 + (uint64_t)s);
+	mtlz_loss_opts_default(lo);
+	lo->train = 1;
+	lo->seed = seed0 + 200 + (uint64_t)s;
+	return b;
+}
+
+static void twin_close(struct twin *w)
+{
+	for (int k = 0; k < 2; k++) {
+		mtlz_adam_free(&w->ad[k]);
+		mtlz_trainer_free(w->t[k]);
+	}
+	mtlz_model_free(w->m);
+	free(w->x);
+	free(w->oh);
+	free(w->cls);
+}
+
+/* the gradient of each trainer, Adam on the host for both */
+Test(cuda, training_steps_with_adam_match_cpu, .timeout = 300)
+{
+	const int steps = 6;
+	struct twin w;
+	char err[512];
+	float *g;
 
 	NEED_GPU();
-	m = pool2_model(61);
-	L = mtlz_model_arch(m)->input_length;
-	t[0] = mtlz_trainer_new_kind(m, n, 2, "cpu", err, sizeof(err));
-	t[1] = mtlz_trainer_new_kind(m, n, 2, "cuda", err, sizeof(err));
-	cr_assert(t[0] && t[1], "%s", err);
-	np = mtlz_trainer_n_params(t[0]);
-	x = malloc((size_t)n * L * sizeof(float));
-	oh = malloc(n * sizeof(float));
-	cls = malloc(n * sizeof(int));
-	g = malloc(np * sizeof(float));
-	for (int k = 0; k < 2; k++)
-		cr_assert_eq(mtlz_adam_init(&ad[k], np, 1e-3), MTLZ_OK);
+	twin_open(&w, 61, 8, 1e-3);
+	g = malloc(w.np * sizeof(float));
 	for (int s = 0; s < steps; s++) {
-		mtlz_batch b = { x, cls, oh, n };
 		mtlz_loss_opts lo;
+		const mtlz_batch b = twin_batch(&w, 200, s, &lo);
 		mtlz_losses l;
 
-		spectra(x, n, L, 200 + (uint64_t)s);
-		labels(n, cls, oh, 300 + (uint64_t)s);
-		mtlz_loss_opts_default(&lo);
-		lo.train = 1;
-		lo.seed = 400 + (uint64_t)s;
 		for (int k = 0; k < 2; k++) {
-			cr_assert_eq(mtlz_trainer_step(t[k], &b, &lo, &l, g, NULL, NULL, NULL, err,
+			cr_assert_eq(mtlz_trainer_step(w.t[k], &b, &lo, &l, g, NULL, NULL, NULL, err,
 						       sizeof(err)), MTLZ_OK, "%s", err);
-			mtlz_adam_step(&ad[k], mtlz_trainer_params(t[k]), g);
+			mtlz_adam_step(&w.ad[k], mtlz_trainer_params(w.t[k]), g);
 		}
 	}
 	{
-		const double e = tensor_rel(mtlz_trainer_params(t[1]), mtlz_trainer_params(t[0]), np);
+		const double e = tensor_rel(mtlz_trainer_params(w.t[1]),
+					    mtlz_trainer_params(w.t[0]), w.np);
 
 		cr_log_info("%d Adam steps: parameter rel diff %.2e", steps, e);
 		cr_assert_leq(e, 1e-3, "parameters after %d steps differ: %g", steps, e);
 	}
-	for (int k = 0; k < 2; k++) {
-		mtlz_adam_free(&ad[k]);
-		mtlz_trainer_free(t[k]);
-	}
-	mtlz_model_free(m);
-	free(x); free(oh); free(cls); free(g);
+	free(g);
+	twin_close(&w);
 }
 
 /* mtlz_trainer_train_step with Adam on the device against the CPU
@@ -731,63 +764,47 @@ Test(cuda, training_steps_with_adam_match_cpu, .timeout = 300)
  * between (a validation step, mtlz_trainer_params) bring the state back */
 Test(cuda, device_adam_train_steps_match_cpu, .timeout = 300)
 {
-	const int n = 8, steps = 7;
-	mtlz_model *m;
-	mtlz_trainer *t[2];
-	mtlz_adam ad[2];
+	const int steps = 7;
+	struct twin w;
 	char err[512];
-	float *x, *oh, *lg[2];
-	int *cls, L;
+	float *lg[2];
 	size_t np;
 
 	NEED_GPU();
-	m = pool2_model(62);
-	L = mtlz_model_arch(m)->input_length;
-	t[0] = mtlz_trainer_new_kind(m, n, 2, "cpu", err, sizeof(err));
-	t[1] = mtlz_trainer_new_kind(m, n, 2, "cuda", err, sizeof(err));
-	cr_assert(t[0] && t[1], "%s", err);
-	np = mtlz_trainer_n_params(t[0]);
-	x = malloc((size_t)n * L * sizeof(float));
-	oh = malloc(n * sizeof(float));
-	cls = malloc(n * sizeof(int));
-	lg[0] = malloc((size_t)n * 4 * sizeof(float));
-	lg[1] = malloc((size_t)n * 4 * sizeof(float));
-	for (int k = 0; k < 2; k++)
-		cr_assert_eq(mtlz_adam_init(&ad[k], np, 2e-3), MTLZ_OK);
+	twin_open(&w, 62, 8, 2e-3);
+	np = w.np;
+	lg[0] = malloc((size_t)w.n * 4 * sizeof(float));
+	lg[1] = malloc((size_t)w.n * 4 * sizeof(float));
 	for (int s = 0; s < steps; s++) {
-		mtlz_batch b = { x, cls, oh, n };
 		mtlz_loss_opts lo;
+		const mtlz_batch b = twin_batch(&w, 500, s, &lo);
 		mtlz_losses l[2];
 
-		spectra(x, n, L, 500 + (uint64_t)s);
-		labels(n, cls, oh, 600 + (uint64_t)s);
-		mtlz_loss_opts_default(&lo);
-		lo.train = 1;
-		lo.seed = 700 + (uint64_t)s;
 		for (int k = 0; k < 2; k++) {
-			ad[k].lr = s < 4 ? 2e-3 : 2e-4;   /* a scheduler's cut */
-			cr_assert_eq(mtlz_trainer_train_step(t[k], &b, &lo, &ad[k], &l[k], err,
+			w.ad[k].lr = s < 4 ? 2e-3 : 2e-4;   /* a scheduler's cut */
+			cr_assert_eq(mtlz_trainer_train_step(w.t[k], &b, &lo, &w.ad[k], &l[k], err,
 							     sizeof(err)), MTLZ_OK, "%s", err);
 		}
 		cr_assert_float_eq(l[1].cls, l[0].cls, 1e-3 * fabs(l[0].cls) + 1e-6);
-		cr_assert_eq(ad[1].t, ad[0].t);
+		cr_assert_eq(w.ad[1].t, w.ad[0].t);
 		if (s == 2) {   /* a validation pass in between: no dropout, no update */
 			lo.train = 0;
 			for (int k = 0; k < 2; k++)
-				cr_assert_eq(mtlz_trainer_step(t[k], &b, &lo, &l[k], NULL, NULL, lg[k],
-							       NULL, err, sizeof(err)), MTLZ_OK, "%s",
-					     err);
-			cr_assert_leq(tensor_rel(lg[1], lg[0], (size_t)n * 4), 1e-4);
+				cr_assert_eq(mtlz_trainer_step(w.t[k], &b, &lo, &l[k], NULL, NULL,
+							       lg[k], NULL, err, sizeof(err)),
+					     MTLZ_OK, "%s", err);
+			cr_assert_leq(tensor_rel(lg[1], lg[0], (size_t)w.n * 4), 1e-4);
 		}
 		if (s == 4)     /* a host read (checkpoint) in between */
-			cr_assert_leq(tensor_rel(mtlz_trainer_params(t[1]),
-						 mtlz_trainer_params(t[0]), np), 1e-3);
+			cr_assert_leq(tensor_rel(mtlz_trainer_params(w.t[1]),
+						 mtlz_trainer_params(w.t[0]), np), 1e-3);
 	}
-	cr_assert_eq(mtlz_trainer_sync(t[1], err, sizeof(err)), MTLZ_OK, "%s", err);
+	cr_assert_eq(mtlz_trainer_sync(w.t[1], err, sizeof(err)), MTLZ_OK, "%s", err);
 	{
-		const double e = tensor_rel(mtlz_trainer_params(t[1]), mtlz_trainer_params(t[0]), np);
-		const double em = tensor_rel(ad[1].m, ad[0].m, np);
-		const double ev = tensor_rel(ad[1].v, ad[0].v, np);
+		const double e = tensor_rel(mtlz_trainer_params(w.t[1]),
+					    mtlz_trainer_params(w.t[0]), np);
+		const double em = tensor_rel(w.ad[1].m, w.ad[0].m, np);
+		const double ev = tensor_rel(w.ad[1].v, w.ad[0].v, np);
 
 		cr_log_info("%d device-Adam steps: parameters %.2e, m %.2e, v %.2e", steps, e, em,
 			    ev);
@@ -795,15 +812,11 @@ Test(cuda, device_adam_train_steps_match_cpu, .timeout = 300)
 		cr_assert_leq(em, 1e-3, "Adam m differs: %g", em);
 		cr_assert_leq(ev, 1e-3, "Adam v differs: %g", ev);
 		/* and the update really happened on the device */
-		cr_assert_gt(tensor_rel(ad[1].m, ad[1].v, np), 0.0);
+		cr_assert_gt(tensor_rel(w.ad[1].m, w.ad[1].v, np), 0.0);
 	}
-	for (int k = 0; k < 2; k++) {
-		mtlz_adam_free(&ad[k]);
-		mtlz_trainer_free(t[k]);
-		free(lg[k]);
-	}
-	mtlz_model_free(m);
-	free(x); free(oh); free(cls);
+	free(lg[0]);
+	free(lg[1]);
+	twin_close(&w);
 }
 
 /* TF32 training: the gradient within TF32's rounding of the fp32 one */
