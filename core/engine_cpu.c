@@ -268,10 +268,8 @@ static int cpu_set_model(void *ctx, const mtlz_model *m, char *errstr,
 			const mtlz_tensor *w, *bias;
 			size_t K;
 
-			snprintf(name, sizeof(name), "backbone.blocks.%d.conv%d.weight", b, k + 1);
-			w = mtlz_model_find(m, name);
-			snprintf(name, sizeof(name), "backbone.blocks.%d.conv%d.bias", b, k + 1);
-			bias = mtlz_model_find(m, name);
+			w = mtlz_model_find(m, mtlz_name_conv(name, sizeof(name), b, k, 0));
+			bias = mtlz_model_find(m, mtlz_name_conv(name, sizeof(name), b, k, 1));
 			L->cin = cin;
 			L->cin_pad = cin_pad;
 			L->cout = a->channels[b];
@@ -314,10 +312,8 @@ static int cpu_set_model(void *ctx, const mtlz_model *m, char *errstr,
 		for (int i = 0; i < H->n_layers; i++) {
 			H->in[i] = in;
 			H->out[i] = i < a->n_hidden ? a->hidden[i] : (h ? 1 : a->n_classes);
-			snprintf(name, sizeof(name), "heads.%s.fc%d.weight", h ? "metal" : "class", i + 1);
-			H->w[i] = copy_tensor(m, name);
-			snprintf(name, sizeof(name), "heads.%s.fc%d.bias", h ? "metal" : "class", i + 1);
-			H->b[i] = copy_tensor(m, name);
+			H->w[i] = copy_tensor(m, mtlz_name_head(name, sizeof(name), h, i, 0));
+			H->b[i] = copy_tensor(m, mtlz_name_head(name, sizeof(name), h, i, 1));
 			if (!H->w[i] || !H->b[i])
 				goto out_nomem;
 			in = H->out[i];

@@ -294,10 +294,9 @@ static int build_layout(mtlz_model *m)
 	for (int b = 0; b < a->n_blocks; b++) {
 		for (int k = 1; k <= 2; k++) {
 			c = a->channels[b];
-			snprintf(name, sizeof(name), "backbone.blocks.%d.conv%d.weight", b, k);
-			add_tensor(m, name, 3, c, cin, a->kernel);
-			snprintf(name, sizeof(name), "backbone.blocks.%d.conv%d.bias", b, k);
-			add_tensor(m, name, 1, c, 0, 0);
+			add_tensor(m, mtlz_name_conv(name, sizeof(name), b, k - 1, 0), 3, c, cin,
+				   a->kernel);
+			add_tensor(m, mtlz_name_conv(name, sizeof(name), b, k - 1, 1), 1, c, 0, 0);
 			cin = c;
 		}
 	}
@@ -316,12 +315,8 @@ static int build_layout(mtlz_model *m)
 			int out = i < a->n_hidden ? a->hidden[i] :
 						    (h == 0 ? a->n_classes : 1);
 
-			snprintf(name, sizeof(name), "heads.%s.fc%d.weight",
-				 h == 0 ? "class" : "metal", i + 1);
-			add_tensor(m, name, 2, out, in, 0);
-			snprintf(name, sizeof(name), "heads.%s.fc%d.bias",
-				 h == 0 ? "class" : "metal", i + 1);
-			add_tensor(m, name, 1, out, 0, 0);
+			add_tensor(m, mtlz_name_head(name, sizeof(name), h, i, 0), 2, out, in, 0);
+			add_tensor(m, mtlz_name_head(name, sizeof(name), h, i, 1), 1, out, 0, 0);
 			in = out;
 		}
 	}
@@ -825,4 +820,17 @@ out_free_model:
 out:
 	mtlz_st_free(st);
 	return m;
+}
+
+const char *mtlz_name_conv(char *buf, size_t n, int b, int conv, int bias)
+{
+	snprintf(buf, n, "backbone.blocks.%d.conv%d.%s", b, conv + 1, bias ? "bias" : "weight");
+	return buf;
+}
+
+const char *mtlz_name_head(char *buf, size_t n, int h, int i, int bias)
+{
+	snprintf(buf, n, "heads.%s.fc%d.%s", h ? "metal" : "class", i + 1,
+		 bias ? "bias" : "weight");
+	return buf;
 }

@@ -119,6 +119,12 @@ const mtlz_tensor *mtlz_model_tensor(const mtlz_model *m, size_t i);
 const mtlz_tensor *mtlz_model_find(const mtlz_model *m, const char *name);
 /* Mutable access, for training and tests. */
 float *mtlz_model_data(mtlz_model *m, const char *name);
+/* The names of the paper architecture's tensors, into buf (returned):
+ * convolution conv (0, 1) of block b, "backbone.blocks.<b>.conv<conv+1>";
+ * layer i of head h (0 class, 1 metallicity), "heads.<class|metal>.fc<i+1>";
+ * then ".bias" when bias, else ".weight". */
+const char *mtlz_name_conv(char *buf, size_t n, int b, int conv, int bias);
+const char *mtlz_name_head(char *buf, size_t n, int h, int i, int bias);
 
 /* Free-form metadata (provenance); the mtlz.* keys are managed by the model.
  * value NULL removes the key. */

@@ -165,10 +165,10 @@ static struct TR *FN(new)(const mtlz_model *m, int max_batch, int n_threads, cha
 
 			t->conv[2 * b + k].cin = ci;
 			t->conv[2 * b + k].cout = c;
-			snprintf(name, sizeof(name), "backbone.blocks.%d.conv%d.weight", b, k + 1);
-			t->conv[2 * b + k].ow = (size_t)FN(offset_of)(m, name, NULL);
-			snprintf(name, sizeof(name), "backbone.blocks.%d.conv%d.bias", b, k + 1);
-			t->conv[2 * b + k].ob = (size_t)FN(offset_of)(m, name, NULL);
+			t->conv[2 * b + k].ow = (size_t)FN(offset_of)(
+				m, mtlz_name_conv(name, sizeof(name), b, k, 0), NULL);
+			t->conv[2 * b + k].ob = (size_t)FN(offset_of)(
+				m, mtlz_name_conv(name, sizeof(name), b, k, 1), NULL);
 			col_n = MTLZ_MAX(col_n, (size_t)ci * a->kernel * B * (k ? l2 : l1));
 			map_n = MTLZ_MAX(map_n, (size_t)c * B * (k ? l2 : l1));
 		}
@@ -204,10 +204,10 @@ static struct TR *FN(new)(const mtlz_model *m, int max_batch, int n_threads, cha
 
 			t->head[h].in[i] = in;
 			t->head[h].out[i] = out;
-			snprintf(name, sizeof(name), "heads.%s.fc%d.weight", h ? "metal" : "class", i + 1);
-			t->head[h].ow[i] = (size_t)FN(offset_of)(m, name, NULL);
-			snprintf(name, sizeof(name), "heads.%s.fc%d.bias", h ? "metal" : "class", i + 1);
-			t->head[h].ob[i] = (size_t)FN(offset_of)(m, name, NULL);
+			t->head[h].ow[i] = (size_t)FN(offset_of)(
+				m, mtlz_name_head(name, sizeof(name), h, i, 0), NULL);
+			t->head[h].ob[i] = (size_t)FN(offset_of)(
+				m, mtlz_name_head(name, sizeof(name), h, i, 1), NULL);
 			t->head[h].act[i + 1] = FN(alloc)((size_t)B * out, &fail);
 			maxw = MTLZ_MAX(maxw, out);
 			in = out;

@@ -454,8 +454,7 @@ static int cuda_set_model(void *ctx, const mtlz_model *m, char *errstr, size_t e
 		struct cu_layer *L = &c->conv[i];
 		const mtlz_tensor *w;
 
-		snprintf(name, sizeof(name), "backbone.blocks.%d.conv%d.weight", i / 2, i % 2 + 1);
-		w = mtlz_model_find(m, name);
+		w = mtlz_model_find(m, mtlz_name_conv(name, sizeof(name), i / 2, i % 2, 0));
 		if (!w)
 			return mtlz_err(errstr, errstr_size, MTLZ_ERR_FORMAT,
 					"cuda engine: model has no tensor '%s'", name);
@@ -485,8 +484,8 @@ static int cuda_set_model(void *ctx, const mtlz_model *m, char *errstr, size_t e
 		}
 		if (rc)
 			return rc;
-		snprintf(name, sizeof(name), "backbone.blocks.%d.conv%d.bias", i / 2, i % 2 + 1);
-		if ((rc = upload_named(&L->b, m, name, errstr, errstr_size)))
+		if ((rc = upload_named(&L->b, m, mtlz_name_conv(name, sizeof(name), i / 2, i % 2, 1),
+				       errstr, errstr_size)))
 			return rc;
 	}
 	if (c->att_hidden &&
@@ -503,11 +502,11 @@ static int cuda_set_model(void *ctx, const mtlz_model *m, char *errstr, size_t e
 		for (int i = 0; i < H->n_layers; i++) {
 			H->in[i] = in;
 			H->out[i] = i < a->n_hidden ? a->hidden[i] : (h ? 1 : a->n_classes);
-			snprintf(name, sizeof(name), "heads.%s.fc%d.weight", h ? "metal" : "class", i + 1);
-			if ((rc = upload_named(&H->w[i], m, name, errstr, errstr_size)))
+			if ((rc = upload_named(&H->w[i], m, mtlz_name_head(name, sizeof(name), h, i, 0),
+					       errstr, errstr_size)))
 				return rc;
-			snprintf(name, sizeof(name), "heads.%s.fc%d.bias", h ? "metal" : "class", i + 1);
-			if ((rc = upload_named(&H->b[i], m, name, errstr, errstr_size)))
+			if ((rc = upload_named(&H->b[i], m, mtlz_name_head(name, sizeof(name), h, i, 1),
+					       errstr, errstr_size)))
 				return rc;
 			in = H->out[i];
 		}

@@ -549,10 +549,8 @@ extern "C" struct mtlz_cuda_trainer *mtlz_cuda_trainer_new(const mtlz_model *m, 
 
 			cv->cin = j ? c : cin;
 			cv->cout = c;
-			snprintf(name, sizeof(name), "backbone.blocks.%d.conv%d.weight", b, j + 1);
-			cv->ow = (size_t)offset_of(m, name);
-			snprintf(name, sizeof(name), "backbone.blocks.%d.conv%d.bias", b, j + 1);
-			cv->ob = (size_t)offset_of(m, name);
+			cv->ow = (size_t)offset_of(m, mtlz_name_conv(name, sizeof(name), b, j, 0));
+			cv->ob = (size_t)offset_of(m, mtlz_name_conv(name, sizeof(name), b, j, 1));
 		}
 		cin = c;
 	}
@@ -573,10 +571,8 @@ extern "C" struct mtlz_cuda_trainer *mtlz_cuda_trainer_new(const mtlz_model *m, 
 		for (int i = 0; i < H->n_layers; i++) {
 			H->in[i] = in;
 			H->out[i] = i < a->n_hidden ? a->hidden[i] : (h ? 1 : a->n_classes);
-			snprintf(name, sizeof(name), "heads.%s.fc%d.weight", h ? "metal" : "class", i + 1);
-			H->ow[i] = (size_t)offset_of(m, name);
-			snprintf(name, sizeof(name), "heads.%s.fc%d.bias", h ? "metal" : "class", i + 1);
-			H->ob[i] = (size_t)offset_of(m, name);
+			H->ow[i] = (size_t)offset_of(m, mtlz_name_head(name, sizeof(name), h, i, 0));
+			H->ob[i] = (size_t)offset_of(m, mtlz_name_head(name, sizeof(name), h, i, 1));
 			t->maxw = MTLZ_MAX(t->maxw, H->out[i]);
 			in = H->out[i];
 		}
