@@ -25,6 +25,7 @@
 #include "mtlz_engine.h"
 #include "retrain.h"
 #include "train.h"
+#include "util.h"
 
 #include <criterion/criterion.h>
 #include <jansson.h>
@@ -222,25 +223,7 @@ Test(calib, json_has_the_contract_keys)
  * uniform. */
 static mtlz_model *small_model(void)
 {
-	mtlz_arch a;
-	mtlz_grid g;
-	mtlz_model *m;
-
-	mtlz_arch_default(&a);
-	mtlz_grid_default(&g);
-	a.channels[0] = 4;
-	a.channels[1] = 8;
-	a.channels[2] = 8;
-	a.channels[3] = 16;
-	a.channels[4] = 16;
-	a.attention_reduction = 4;
-	a.hidden[0] = 16;
-	a.hidden[1] = 8;
-	a.dropout = 0.2f;
-	m = mtlz_model_new_random(&a, &g, 5, err, sizeof(err));
-	cr_assert_not_null(m, "%s", err);
-	mtlz_model_init_he(m, 5);
-	return m;
+	return tu_small_model(5);
 }
 
 Test(calib, temperature_survives_save_and_load)

@@ -10,6 +10,7 @@
 #include "common.h"
 #include "conf.h"
 #include "model.h"
+#include "util.h"
 
 #include <criterion/criterion.h>
 #include <stdarg.h>
@@ -28,43 +29,8 @@
 static char tmpdir[256], model[300], conf_path[300];
 static char *out_buf, *err_buf;
 
-/* Runs a shell command; captures stdout and stderr; returns the exit code. */
-static int run(const char *fmt, ...)
-{
-	char cmd[4096], path[512];
-	va_list ap;
-	FILE *p;
-	size_t n = 0, cap = 1 << 16;
-	int st;
-
-	va_start(ap, fmt);
-	vsnprintf(cmd, sizeof(cmd) - 600, fmt, ap);
-	va_end(ap);
-	snprintf(path, sizeof(path), " 2>%s/stderr", tmpdir);
-	strcat(cmd, path);
-	free(out_buf);
-	out_buf = malloc(cap);
-	p = popen(cmd, "r");
-	cr_assert_not_null(p);
-	while (!feof(p)) {
-		if (n + 4096 > cap)
-			out_buf = realloc(out_buf, cap *= 2);
-		n += fread(out_buf + n, 1, 4096, p);
-	}
-	out_buf[n] = '\0';
-	st = pclose(p);
-	free(err_buf);
-	snprintf(path, sizeof(path), "%s/stderr", tmpdir);
-	p = fopen(path, "r");
-	err_buf = calloc(1, 1 << 16);
-	if (p) {
-		size_t r = fread(err_buf, 1, (1 << 16) - 1, p);
-
-		err_buf[r] = '\0';
-		fclose(p);
-	}
-	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
+/* a shell command; stdout in out_buf, stderr in err_buf; the exit code */
+#define run(...) tu_run(tmpdir, &out_buf, &err_buf, __VA_ARGS__)
 
 static void setup(void)
 {

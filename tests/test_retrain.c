@@ -13,6 +13,7 @@
 #include "common.h"
 #include "model.h"
 #include "retrain.h"
+#include "util.h"
 
 #include <criterion/criterion.h>
 #include <jansson.h>
@@ -81,24 +82,8 @@ static void write_archive(int n)
 /* A small model (the paper's layout, fewer channels) to start from. */
 static void write_init(void)
 {
-	mtlz_arch a;
-	mtlz_grid g;
-	mtlz_model *m;
+	mtlz_model *m = tu_small_model(5);
 
-	mtlz_arch_default(&a);
-	mtlz_grid_default(&g);
-	a.channels[0] = 4;
-	a.channels[1] = 8;
-	a.channels[2] = 8;
-	a.channels[3] = 16;
-	a.channels[4] = 16;
-	a.attention_reduction = 4;
-	a.hidden[0] = 16;
-	a.hidden[1] = 8;
-	a.dropout = 0.2f;
-	m = mtlz_model_new_random(&a, &g, 5, err, sizeof(err));
-	cr_assert_not_null(m, "%s", err);
-	mtlz_model_init_he(m, 5);
 	cr_assert_eq(mtlz_model_save(m, init, err, sizeof(err)), 0, "%s", err);
 	mtlz_model_free(m);
 }

@@ -6,10 +6,21 @@
 #define MTLZ_TEST_UTIL_H
 
 #include <stddef.h>
+#include <stdint.h>
+
+struct mtlz_model;
 
 /* Creates /tmp/mtlz_<tag>_XXXXXX into dir (asserts on failure). */
 void tu_mkdtemp(char *dir, size_t size, const char *tag);
 /* Removes dir and every file directly in it (test directories are flat). */
 void tu_rmtree(const char *dir);
+/* Runs the shell command printf(fmt, ...) with its stdout captured into
+ * *out and its stderr into *err (both replaced, NUL-terminated; stderr
+ * goes through dir/stderr). Returns the exit code, -1 if it was killed. */
+int tu_run(const char *dir, char **out, char **err, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+/* A small model: the paper's layout with channels 4/8/8/16/16, attention
+ * 1/4, heads 16/8, dropout 0.2, He-initialised from seed (asserts). */
+struct mtlz_model *tu_small_model(uint64_t seed);
 
 #endif
