@@ -369,54 +369,13 @@ Test(calib, engine_probabilities_are_softmax_of_logits_over_t)
 
 /* ---- mtlz-retrain and mtlz calibrate ---- */
 
-/* Spectra on the model grid's range whose class shows as an emission line
- * at a class-specific wavelength over a noisy continuum (as in
- * test_retrain.c); star-forming ones carry a metallicity. */
+/* weaker lines and more noise than the trainer's tests: the classes
+ * overlap, so there is something to calibrate */
 static void write_archive(const char *path, int n, uint64_t seed)
 {
-	mtlz_avro *a = mtlz_avro_new(MTLZ_SOURCE_DIR "/schemas", NULL, err, sizeof(err));
-	mtlz_archive_writer *w;
-	static const double line[4] = { 0, 6563, 5007, 6584 };
-	mtlz_rng r;
+	const struct tu_archive o = { path, "c", n, seed, 0.6, 0.2, 0 };
 
-	cr_assert_not_null(a, "%s", err);
-	w = mtlz_archive_writer_open(a, path, "part", 0, "deflate", err, sizeof(err));
-	cr_assert_not_null(w, "%s", err);
-	mtlz_rng_seed(&r, seed);
-	for (int i = 0; i < n; i++) {
-		mtlz_spectrum s;
-		mtlz_labels l;
-		static const int pattern[6] = { 0, 1, 2, 1, 3, 1 };
-		const int c = pattern[i % 6];
-		const double oh = 8.3 + 0.6 * mtlz_rng_uniform(&r);
-
-		mtlz_spectrum_init(&s);
-		cr_assert_eq(mtlz_spectrum_alloc(&s, 2700, 0, 0, 0), 0);
-		s.grid_kind = MTLZ_GRID_LINEAR;
-		s.start = 3800;
-		s.step = 2;
-		snprintf(s.spec_id, sizeof(s.spec_id), "c%d", i);
-		snprintf(s.survey, sizeof(s.survey), "test");
-		for (size_t k = 0; k < s.n; k++) {
-			const double wl = s.start + s.step * (double)k;
-			double f = 1 + 0.2 * (mtlz_rng_uniform(&r) - 0.5);
-
-			if (c)
-				f += 0.6 * exp(-0.5 * pow((wl - line[c]) / 4, 2));
-			if (c == 1)
-				f += 3.0 * (oh - 8.2) * exp(-0.5 * pow((wl - 4861) / 10, 2));
-			s.flux[k] = (float)f;
-		}
-		mtlz_labels_init(&l);
-		l.cls = c;
-		if (c == 1)
-			l.oh = oh;
-		snprintf(l.source_name, sizeof(l.source_name), "test");
-		cr_assert_eq(mtlz_archive_writer_add(w, &s, &l, err, sizeof(err)), 0, "%s", err);
-		mtlz_spectrum_clear(&s);
-	}
-	cr_assert_eq(mtlz_archive_writer_close(w, err, sizeof(err)), 0, "%s", err);
-	mtlz_avro_free(a);
+	tu_write_archive(&o);
 }
 
 static void write_init(const char *calibration)

@@ -3,10 +3,13 @@
  */
 #define _GNU_SOURCE
 #include "util.h"
+#include "archive.h"
+#include "common.h"
 #include "model.h"
 
 #include <criterion/criterion.h>
 #include <dirent.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -98,4 +101,54 @@ int tu_run(const char *dir, char **out, char **err, const char *fmt, ...)
 		fclose(p);
 	}
 	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+void tu_write_archive(const struct tu_archive *o)
+{
+	static const double line[4] = { 0, 6563, 5007, 6584 };
+	static const int pattern[6] = { 0, 1, 2, 1, 3, 1 };   /* half star-forming */
+	char err[512];
+	mtlz_avro *a = mtlz_avro_new(MTLZ_SOURCE_DIR "/schemas", NULL, err, sizeof(err));
+	mtlz_archive_writer *w;
+	mtlz_rng r;
+
+	cr_assert_not_null(a, "%s", err);
+	w = mtlz_archive_writer_open(a, o->path, "part", 0, "deflate", err, sizeof(err));
+	cr_assert_not_null(w, "%s", err);
+	mtlz_rng_seed(&r, o->seed);
+	for (int i = 0; i < o->n; i++) {
+		const int c = pattern[i % 6];
+		const double oh = 8.3 + 0.6 * mtlz_rng_uniform(&r);
+		const double slope = o->tilt ? 0.5 * (mtlz_rng_uniform(&r) - 0.5) : 0;
+		mtlz_spectrum s;
+		mtlz_labels l;
+
+		mtlz_spectrum_init(&s);
+		cr_assert_eq(mtlz_spectrum_alloc(&s, 2700, 0, 0, 0), 0);
+		s.grid_kind = MTLZ_GRID_LINEAR;
+		s.start = 3800;
+		s.step = 2;
+		snprintf(s.spec_id, sizeof(s.spec_id), "%s%d", o->id_prefix, i);
+		snprintf(s.survey, sizeof(s.survey), "test");
+		for (size_t k = 0; k < s.n; k++) {
+			const double wl = s.start + s.step * (double)k;
+			double f = 1 + slope * (wl - 6400) / 2600 +
+				   o->noise * (mtlz_rng_uniform(&r) - 0.5);
+
+			if (c)
+				f += o->line * exp(-0.5 * pow((wl - line[c]) / 4, 2));
+			if (c == 1)   /* [N II]/Ha grows with O/H */
+				f += 3.0 * (oh - 8.2) * exp(-0.5 * pow((wl - 4861) / 10, 2));
+			s.flux[k] = (float)f;
+		}
+		mtlz_labels_init(&l);
+		l.cls = c;
+		if (c == 1)
+			l.oh = oh;
+		snprintf(l.source_name, sizeof(l.source_name), "test");
+		cr_assert_eq(mtlz_archive_writer_add(w, &s, &l, err, sizeof(err)), 0, "%s", err);
+		mtlz_spectrum_clear(&s);
+	}
+	cr_assert_eq(mtlz_archive_writer_close(w, err, sizeof(err)), 0, "%s", err);
+	mtlz_avro_free(a);
 }
