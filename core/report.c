@@ -237,6 +237,24 @@ static void hline(double x0, double x1, double y)
 	plline(2, x, yy);
 }
 
+/* Two series against the epoch: a blue solid and an orange dashed line, with
+ * dots while there are few points (the loss and DWA figures). */
+static void epoch_pair(int n, const double *x, const double *y1, const double *y2)
+{
+	plwidth(2);
+	plcol0(C_BLUE);
+	line_finite(n, x, y1);
+	if (n < 30)
+		points(n, x, y1, "•");
+	plcol0(C_ORANGE);
+	pllsty(L_DASH);
+	line_finite(n, x, y2);
+	pllsty(L_SOLID);
+	if (n < 30)
+		points(n, x, y2, "•");
+	plwidth(1);
+}
+
 /* A filled rectangle with an outline. */
 static void box(double x0, double x1, double y0, double y1, int fill, int edge)
 {
@@ -414,18 +432,7 @@ static int fig_loss(const char *path, const json_t *h, int w, int hgt, char *err
 		plcol0(C_FG);
 		plbox("bcnst", 0, 0, log_y ? "bcnstvl" : "bcnstv", 0, 0);
 		pllab("epoch", p == 0 ? "loss" : "", panels[p].title);
-		plwidth(2);
-		plcol0(C_BLUE);
-		line_finite(n, x, yt);
-		if (n < 30)
-			points(n, x, yt, "•");
-		plcol0(C_ORANGE);
-		pllsty(L_DASH);
-		line_finite(n, x, yv);
-		pllsty(L_SOLID);
-		if (n < 30)
-			points(n, x, yv, "•");
-		plwidth(1);
+		epoch_pair(n, x, yt, yv);
 		if (p == 0) {
 			const struct leg lg[2] = {
 				{ "training", C_BLUE, L_SOLID, NULL, 0 },
@@ -481,18 +488,7 @@ static int fig_dwa(const char *path, const json_t *h, int w, int hgt, char *errs
 	pllsty(L_DOT);
 	hline(xlo - xhi, 2 * xhi, 1.0);
 	pllsty(L_SOLID);
-	plwidth(2);
-	plcol0(C_BLUE);
-	line_finite(n, x, wc);
-	if (n < 30)
-		points(n, x, wc, "•");
-	plcol0(C_ORANGE);
-	pllsty(L_DASH);
-	line_finite(n, x, wm);
-	pllsty(L_SOLID);
-	if (n < 30)
-		points(n, x, wm, "•");
-	plwidth(1);
+	epoch_pair(n, x, wc, wm);
 	legend(lg, 3, PL_POSITION_TOP | PL_POSITION_RIGHT, 0);
 	rc = plot_end(path, errstr, errstr_size);
 	free(x);
