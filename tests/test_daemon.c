@@ -49,6 +49,8 @@
 static char dir[64], brokers[256], model[300], config[300];
 static char in_topic[96] = "spectra", out_topic[96] = "results";
 static pid_t broker_pid;
+static int keep_dir;                  /* a check failed: teardown keeps dir */
+static const char *replay_props = ""; /* extra mtlz-replay arguments */
 
 /* Every process a test starts, until it is reaped: a failed assertion ends
  * the test at once, and teardown must not leave daemons running. */
@@ -166,6 +168,8 @@ static void setup(void)
 	char cmd[1024];
 
 	signal(SIGPIPE, SIG_IGN);
+	keep_dir = 0;
+	replay_props = "";
 	snprintf(dir, sizeof(dir), "/tmp/mtlz-test-daemon-XXXXXX");
 	cr_assert_not_null(mkdtemp(dir));
 	snprintf(model, sizeof(model), "%s/model.safetensors", dir);
@@ -182,7 +186,9 @@ static void teardown(void)
 	wait_exit(broker_pid, 10);
 	kill_children();   /* what a failed assertion left running */
 	snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
-	if (!getenv("MTLZ_TEST_KEEP"))
+	if (keep_dir)
+		fprintf(stderr, "(kept %s)\n", dir);
+	else if (!getenv("MTLZ_TEST_KEEP"))
 		cr_assert_eq(system(cmd), 0);
 }
 
@@ -236,12 +242,15 @@ static void replay(int count, const char *framing)
 	char cmd[1024];
 
 	snprintf(cmd, sizeof(cmd), "MTLZ_SCHEMA_DIR=%s/schemas " BIN "/mtlz-replay --brokers %s "
-		 "--topic %s --framing %s --count %d --loop " DATA "/spec-0266-51602-0001.fits "
+		 "--topic %s --framing %s --count %d --loop %s " DATA "/spec-0266-51602-0001.fits "
 		 DATA "/spec-0266-51630-0174.fits " DATA "/spec-0266-51602-0573.fits "
 		 DATA "/spec-3586-55181-0003.fits " DATA "/coadd-4-80613.fits >>%s/replay.log 2>&1",
-		 MTLZ_SOURCE_DIR, brokers, in_topic, framing, count, dir);
+		 MTLZ_SOURCE_DIR, brokers, in_topic, framing, count, replay_props, dir);
 	cr_assert_eq(system(cmd), 0, "mtlz-replay failed, see %s/replay.log", dir);
 }
+
+/* The (partition, offset) sources the last read_results() saw. */
+static char results_seen[4][4096];
 
 /* Reads the result topic with `mtlz consume` until `want` results or `idle`
  * seconds without one; returns how many rows, and how many distinct
@@ -249,11 +258,10 @@ static void replay(int count, const char *framing)
 static int read_results(int want, int idle, int *distinct)
 {
 	char cmd[1024], line[1024];
-	static char seen[4][4096];
 	FILE *p;
 	int n = 0;
 
-	memset(seen, 0, sizeof(seen));
+	memset(results_seen, 0, sizeof(results_seen));
 	*distinct = 0;
 	snprintf(cmd, sizeof(cmd), "MTLZ_SCHEMA_DIR=%s/schemas " BIN "/mtlz consume --brokers %s "
 		 "--topic %s --count %d --timeout %d 2>>%s/consume.log", MTLZ_SOURCE_DIR, brokers,
@@ -272,8 +280,8 @@ static int read_results(int want, int idle, int *distinct)
 		part = atoi(prev + 1);
 		off = atol(last + 1);
 		n++;
-		if (part >= 0 && part < 4 && off >= 0 && off < 4096 && !seen[part][off]) {
-			seen[part][off] = 1;
+		if (part >= 0 && part < 4 && off >= 0 && off < 4096 && !results_seen[part][off]) {
+			results_seen[part][off] = 1;
 			(*distinct)++;
 		}
 	}
@@ -598,10 +606,73 @@ Test(daemon, two_daemons_share_the_partitions)
 	cr_assert(a_rows > 0 && b_rows > 0, "both daemons produced results (%d, %d)", a_rows, b_rows);
 }
 
-/* 16 spectra, a fault, 16 more: all 32 come out, and the stop is clean. */
-static void check_survives(void (*fault)(void))
+/* Copies <dir>/<name>.log to stderr; of mtlzd's status lines only those
+ * whose counts changed. */
+static void dump_log(const char *name)
 {
-	pid_t d = start_daemon("mtlzd", NULL, NULL);
+	char path[320], line[1024], last[256] = "";
+	FILE *f;
+
+	snprintf(path, sizeof(path), "%s/%s.log", dir, name);
+	f = fopen(path, "r");
+	fprintf(stderr, "---- %s%s\n", path, f ? "" : " (none)");
+	while (f && fgets(line, sizeof(line), f)) {
+		const char *c = strstr(line, "event=status ") ? strstr(line, " consumed=") : NULL;
+
+		if (c) {
+			const char *e = strstr(c, " lag=");
+			const int len = (int)(e ? (size_t)(e - c) : strlen(c));
+
+			if ((size_t)len < sizeof(last) && strncmp(last, c, (size_t)len) == 0 &&
+			    last[len] == '\0')
+				continue;
+			snprintf(last, sizeof(last), "%.*s", len, c);
+		}
+		fputs(line, stderr);
+	}
+	if (f)
+		fclose(f);
+}
+
+/* A result count fell short: says on stderr how many messages the input
+ * topic holds and which have no result in the last read_results(), copies
+ * the logs there too (a CI run keeps nothing else) and keeps dir. Inputs
+ * missing from the topic itself were lost on the way in, not by mtlzd. */
+static void explain_missing_results(void)
+{
+	static const char *const logs[] = { "broker", "replay", "mtlzd", "consume" };
+	rd_kafka_t *rk = client(RD_KAFKA_PRODUCER, NULL);
+	int64_t n_in = 0;
+
+	keep_dir = 1;
+	fprintf(stderr, "---- %s: input partitions [low, high) and inputs without a result:\n",
+		dir);
+	for (int p = 0; p < 4; p++) {
+		int64_t lo, hi;
+
+		if (rd_kafka_query_watermark_offsets(rk, in_topic, p, &lo, &hi, 5000)) {
+			fprintf(stderr, "  %s[%d]: watermarks unknown\n", in_topic, p);
+			continue;
+		}
+		n_in += hi - lo;
+		fprintf(stderr, "  %s[%d] [%lld, %lld):", in_topic, p, (long long)lo,
+			(long long)hi);
+		for (int64_t o = lo; o < hi && o < 4096; o++)
+			if (!results_seen[p][o])
+				fprintf(stderr, " %lld", (long long)o);
+		fputc('\n', stderr);
+	}
+	fprintf(stderr, "  the input topic holds %lld messages\n", (long long)n_in);
+	rd_kafka_destroy(rk);
+	for (size_t i = 0; i < sizeof(logs) / sizeof(logs[0]); i++)
+		dump_log(logs[i]);
+}
+
+/* 16 spectra, a fault, 16 more: all 32 come out, and the stop is clean.
+ * `set` (or NULL) is passed to the daemon. */
+static void check_survives(void (*fault)(void), const char *set)
+{
+	pid_t d = start_daemon("mtlzd", NULL, set);
 	int distinct, n;
 
 	replay(16, "single_object");
@@ -610,6 +681,8 @@ static void check_survives(void (*fault)(void))
 	/* librdkafka reconnects with a backoff of up to reconnect.backoff.max.ms
 	 * (10 s): give the reader more than that before it gives up */
 	n = read_results(1000, 30, &distinct);
+	if (distinct != 32)
+		explain_missing_results();
 	cr_assert_eq(distinct, 32, "%d rows, %d distinct (%s)", n, distinct, dir);
 	kill(d, SIGTERM);
 	cr_assert_eq(wait_exit(d, 60), 0);
@@ -629,12 +702,28 @@ static void request_errors(void)
 
 Test(daemon, broker_outage_is_survived)
 {
-	check_survives(broker_outage);
+	check_survives(broker_outage, NULL);
 }
 
+/*
+ * Every producer here sends one request at a time. The dev broker
+ * (librdkafka's mock cluster) checks an idempotent producer's sequence
+ * numbers only with a transactional.id: when an injected error rejects a
+ * Produce request while the next one for the same partition is in flight,
+ * it appends the next one, and librdkafka takes that success as the ack of
+ * the rejected messages too ("implicitly acked by subsequent batch
+ * success"), as it must with a real broker, which would have refused the
+ * out-of-order request instead. Those messages are reported delivered and
+ * never stored: mtlz-replay lost 1-4 of 16 this way in ~1 run in 10, and
+ * 2 of 30 runs of this test (ASan build, loaded machine) saw 28 and 31
+ * results of 32 (docs/daemon.md, "The dev broker's limits"). With one
+ * request in flight the rejected request is retried before anything after
+ * it is sent, as with a real broker.
+ */
 Test(daemon, injected_request_errors_are_retried)
 {
-	check_survives(request_errors);
+	replay_props = "-X max.in.flight.requests.per.connection=1";
+	check_survives(request_errors, "kafka.producer.max.in.flight.requests.per.connection=1");
 }
 
 Test(daemon, daemon_joining_mid_stream_loses_nothing)

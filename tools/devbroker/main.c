@@ -19,6 +19,12 @@
  *   fenced     the next EndTxn fails with PRODUCER_FENCED, as when a newer
  *              instance with the same transactional.id has started (the mock
  *              cluster does not fence by itself).
+ * The mock checks idempotent sequence numbers only for transactional
+ * producers: a Produce error injected while a producer has a later request
+ * for the same partition in flight loses the rejected messages (librdkafka
+ * counts them acked by the later success). Producers that must lose nothing
+ * under retriable errors use max.in.flight.requests.per.connection=1 here
+ * (docs/daemon.md, "The dev broker's limits").
  */
 #define _DEFAULT_SOURCE
 #include <librdkafka/rdkafka.h>
@@ -56,7 +62,10 @@ static const char usage[] =
 	"SIGUSR1 takes broker 1 down, SIGUSR2 brings it back; SIGHUP injects\n"
 	"request errors: retriable (the next Produce, Fetch and OffsetCommit fail;\n"
 	"the default), abortable (the next AddPartitionsToTxn fails: the open\n"
-	"transaction must abort) or fenced (the next EndTxn says PRODUCER_FENCED).\n";
+	"transaction must abort) or fenced (the next EndTxn says PRODUCER_FENCED).\n"
+	"With retriable errors, an idempotent producer with more than one request\n"
+	"in flight can lose messages (the mock does not check their sequence):\n"
+	"use max.in.flight.requests.per.connection=1.\n";
 
 int main(int argc, char **argv)
 {
