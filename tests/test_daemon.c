@@ -726,6 +726,43 @@ Test(daemon, injected_request_errors_are_retried)
 	check_survives(request_errors, "kafka.producer.max.in.flight.requests.per.connection=1");
 }
 
+/*
+ * The same errors aimed at the daemon's own requests: it is stopped
+ * (SIGSTOP) while the second 16 spectra are produced and the errors armed,
+ * so when it continues it is the only client, and the next Fetch, Produce
+ * (its results) and OffsetCommit requests the broker sees are its own. One
+ * request in flight, for the reason above; librdkafka's message debug log
+ * shows its producer meeting the errors.
+ */
+Test(daemon, injected_errors_on_the_daemons_own_requests_are_retried)
+{
+	static const char *const sets[] = {
+		"kafka.producer.max.in.flight.requests.per.connection=1",
+		"kafka.producer.debug=msg", NULL
+	};
+	pid_t d = start_daemon_v("mtlzd", NULL, sets);
+	int distinct, n;
+
+	replay(16, "single_object");
+	n = read_results(16, 30, &distinct);
+	cr_assert_eq(distinct, 16, "first 16: %d rows, %d distinct (%s)", n, distinct, dir);
+	cr_assert_eq(kill(d, SIGSTOP), 0);
+	replay(16, "single_object");
+	kill(broker_pid, SIGHUP);  /* the next Produce/Fetch/OffsetCommit fail */
+	sleep(1);
+	cr_assert_eq(kill(d, SIGCONT), 0);
+	n = read_results(1000, 30, &distinct);
+	if (distinct != 32)
+		explain_missing_results();
+	cr_assert_eq(distinct, 32, "%d rows, %d distinct (%s)", n, distinct, dir);
+	kill(d, SIGTERM);
+	cr_assert_eq(wait_exit(d, 60), 0);
+	cr_assert_geq(count_in_log("mtlzd", "encountered error", NULL, NULL), 1,
+		      "the daemon's producer met no injected error (%s/mtlzd.log)", dir);
+	cr_assert_geq(count_in_log("mtlzd", "event=consume_error", NULL, NULL), 1,
+		      "the daemon's consumer met no injected error (%s/mtlzd.log)", dir);
+}
+
 Test(daemon, daemon_joining_mid_stream_loses_nothing)
 {
 	char cmd[1024];
