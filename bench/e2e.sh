@@ -56,6 +56,9 @@ start_daemon() {
 	pids+=($!)
 }
 
+# CPU seconds (user + system) a process has used so far
+cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' /proc/"$1"/stat; }
+
 echo "# $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; N=$N threads=$T mc=$MC batch=64"
 engine=$($B/tools/mtlz bench -m "$model" --engine "$ENGINE" --threads "$T" --batch 64 --mc "$MC" --seconds 5 --no-preprocess | grep '^engine')
 echo "$engine"
@@ -65,9 +68,13 @@ start_broker 1
 b1=$bootstrap
 $B/tools/mtlz-replay --brokers "$b1" --topic spectra --loop --count "$N" "${files[@]}" \
 	> "$work/replay.log" 2>&1 || { cat "$work/replay.log"; exit 1; }
+broker_pid=${pids[-1]}
+broker_cpu0=$(cpu_s "$broker_pid")
 start_daemon "$b1" 1
 tp=$($B/tools/mtlz consume --brokers "$b1" --count "$N" --timeout 30 --stats 2>"$work/consume1.log") || true
 echo "e2e backlog of $N: $tp"
+# where the cores went, daemon start to last result (startup included)
+echo "cpu seconds: daemon $(cpu_s "${pids[-1]}"), dev broker $(awk -v a="$(cpu_s "$broker_pid")" -v b="$broker_cpu0" 'BEGIN { printf "%.2f", a - b }')"
 e2e_rate=$(echo "$tp" | sed 's/.*rate=\([0-9.]*\) results.*/\1/')
 awk -v a="$e2e_rate" -v b="$engine_rate" 'BEGIN { printf "e2e/engine throughput ratio: %.2f (%.1f / %.1f spectra/s)\n", a / b, a, b }'
 echo "daemon peak RSS: $(sed -n 's/^VmHWM: *//p' /proc/"${pids[-1]}"/status)"
