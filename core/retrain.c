@@ -246,7 +246,11 @@ static int save_checkpoint(const char *path, mtlz_model *m, mtlz_trainer *t,
 
 	if (!js)
 		return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory");
-	mtlz_trainer_store(t, m);
+	if (mtlz_trainer_store(t, m)) {
+		free(js);
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_IO,
+				"checkpoint: the trainer's parameters could not be read back");
+	}
 	mtlz_model_set_meta(m, "mtlz.checkpoint", js);
 	free(js);
 	rc = mtlz_model_save_ext(m, path, ex, 2, errstr, errstr_size);
@@ -730,7 +734,11 @@ int mtlz_retrain_run(const mtlz_retrain_opts *o, mtlz_retrain_result *res, char 
 		res->test_oh_bias = nr ? rs / nr : 0;
 		res->test_oh_sd = nr > 1 ? sqrt(MTLZ_MAX(rq / nr - res->test_oh_bias *
 							   res->test_oh_bias, 0)) : 0;
-		mtlz_trainer_store(t, m);
+		if (mtlz_trainer_store(t, m)) {
+			rc = mtlz_err(errstr, errstr_size, MTLZ_ERR_IO,
+				      "the trainer's parameters could not be read back");
+			goto out;
+		}
 		rc = calibrate(o, res, t, B, &d, va, n_va, te, n_te, m, errstr, errstr_size);
 		if (rc)
 			goto out;

@@ -4,6 +4,7 @@
  */
 #include "train.h"
 #include "common.h"
+#include "log.h"
 
 #include <cblas.h>
 #include <math.h>
@@ -158,13 +159,14 @@ static void sync_or_say(const mtlz_trainer *t)
 	char err[256];
 
 	if (mtlz_trainer_sync((mtlz_trainer *)t, err, sizeof(err)))
-		fprintf(stderr, "mtlz trainer: %s\n", err);
+		mtlz_log(MTLZ_LOG_ERROR, "event=trainer_sync_error error=\"%s\"", err);
 }
 
 float *mtlz_trainer_params(mtlz_trainer *t)
 {
 	sync_or_say(t);
-	t->dev_current = 0;   /* the caller may write */
+	if (!t->host_stale)
+		t->dev_current = 0;   /* the caller may write: upload before the next step */
 	return t->p;
 }
 
@@ -245,9 +247,18 @@ long mtlz_trainer_param_offset(const mtlz_trainer *t, const char *name, size_t *
 
 int mtlz_trainer_load(mtlz_trainer *t, const mtlz_model *m)
 {
+	int rc;
+
 	sync_or_say(t);   /* a->m, a->v current on the host before they are re-sent */
+	if (t->host_stale)
+		return MTLZ_ERR_IO;
 	t->dev_current = 0;   /* the host's parameters are the new ones */
-	return trf_load(t, m);
+	rc = trf_load(t, m);
+#ifdef MTLZ_WITH_CUDA
+	if (rc == MTLZ_OK && t->cuda)
+		mtlz_cuda_trainer_set_target(t->cuda, t->tgt_off, t->tgt_scale);
+#endif
+	return rc;
 }
 
 int mtlz_trainer_store(const mtlz_trainer *t, mtlz_model *m)

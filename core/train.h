@@ -81,9 +81,9 @@ int mtlz_trainer_step(mtlz_trainer *t, const mtlz_batch *b, const mtlz_loss_opts
 		      char *errstr, size_t errstr_size);
 
 /* A trainer of the given kind: "cpu" (the above; NULL means cpu) or "cuda"
- * (gpu/train_cuda.cu: the passes on the GPU with cuBLAS, the parameters and
- * the optimiser on the host as for the CPU trainer, so mtlz-retrain's loop,
- * checkpoints and Adam are the same; dx is not available). "cuda" fails
+ * (gpu/train_cuda.cu: the passes on the GPU with cuBLAS; with
+ * mtlz_trainer_train_step the Adam update too, else the caller's optimiser
+ * on the host as for the CPU trainer; dx is not available). "cuda" fails
  * with the reason when the build has no CUDA engine or no device answers. */
 mtlz_trainer *mtlz_trainer_new_kind(const mtlz_model *m, int max_batch, int n_threads,
 				    const char *kind, char *errstr, size_t errstr_size);
@@ -92,9 +92,13 @@ const char *mtlz_trainer_describe(const mtlz_trainer *t);
 /* One training step with its Adam update: forward, backward, then
  * mtlz_adam_step(a, params, grad) -- on the host for the CPU trainer, on
  * the device for "cuda", where the parameters and a's moments then stay
- * until the host reads them: mtlz_trainer_params(), _store(), _step() and
- * _sync() bring them back (into a->m, a->v too), so a caller sees the
- * same state either way. Keep passing the same `a`. */
+ * until the host reads them: mtlz_trainer_params(), _store(), _step(),
+ * _load() and _sync() bring them back (into a->m, a->v too), so a caller
+ * sees the same state either way. Between train steps `a` belongs to the
+ * trainer: keep passing the same one, and change its moments or step count
+ * only after a sync and before the next params() call hands the state back
+ * to the host (params() marks the host copy as the one to upload); a
+ * pointer from mtlz_trainer_params() is valid until the next train step. */
 int mtlz_trainer_train_step(mtlz_trainer *t, const mtlz_batch *b, const mtlz_loss_opts *o,
 			    mtlz_adam *a, mtlz_losses *loss, char *errstr, size_t errstr_size);
 /* Brings the parameters and the Adam moments of train_step back to the
@@ -145,6 +149,8 @@ float *mtlz_cuda_trainer_input_buffer(struct mtlz_cuda_trainer *t);
 int mtlz_cuda_trainer_set_tf32(struct mtlz_cuda_trainer *t, int on, char *errstr,
 			       size_t errstr_size);
 const char *mtlz_cuda_trainer_describe(const struct mtlz_cuda_trainer *t);
+/* The metallicity target's standardisation (after mtlz_trainer_load). */
+void mtlz_cuda_trainer_set_target(struct mtlz_cuda_trainer *t, double off, double scale);
 void mtlz_cuda_trainer_free(struct mtlz_cuda_trainer *t);
 
 /* The double-precision twin, for gradient checks. */

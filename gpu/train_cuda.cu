@@ -2,10 +2,11 @@
  * train_cuda.cu - the training passes on the GPU: the same forward and
  * backward as core/train_impl.h (which is the reference, checked against
  * finite differences), with cuBLAS for every product and small kernels for
- * the rest. mtlz_trainer_new_kind(..., "cuda") wraps it (core/train.c): the
- * parameters and Adam stay on the host, so mtlz-retrain's loop,
- * checkpoints and resume are unchanged; each step uploads the parameters
- * (2 MB for the paper's model) and downloads the gradient.
+ * the rest. mtlz_trainer_new_kind(..., "cuda") wraps it (core/train.c):
+ * mtlz_cuda_trainer_step() uploads the host's parameters (2 MB for the
+ * paper's model) and can download the gradient, as the CPU trainer's step
+ * gives it; mtlz_cuda_trainer_adam_step() (below) keeps the parameters and
+ * Adam's moments on the device instead.
  *
  * Layout: channels-last with `pad` zero rows around each spectrum, as in
  * the inference engine. A convolution's forward is the tap-stacked GEMM +
@@ -627,11 +628,20 @@ extern "C" float *mtlz_cuda_trainer_input_buffer(struct mtlz_cuda_trainer *t)
 extern "C" int mtlz_cuda_trainer_set_tf32(struct mtlz_cuda_trainer *t, int on, char *errstr,
 					  size_t errstr_size)
 {
+	if (!!on == t->tf32)
+		return MTLZ_OK;
 	CU_TRY(cudaSetDevice(t->dev));
 	BLAS_TRY(cublasSetMathMode(t->blas, on ? CUBLAS_TF32_TENSOR_OP_MATH :
 						 CUBLAS_PEDANTIC_MATH));
 	t->tf32 = !!on;
 	return autotune(t, errstr, errstr_size);   /* the GEMMs' speed changed */
+}
+
+extern "C" void mtlz_cuda_trainer_set_target(struct mtlz_cuda_trainer *t, double off,
+					     double scale)
+{
+	t->tgt_off = off;
+	t->tgt_scale = scale;
 }
 
 /* ------------------------------------------------------------------ step */
@@ -827,6 +837,8 @@ static int autotune(struct mtlz_cuda_trainer *t, char *errstr, size_t errstr_siz
 			dcand[nd++] = 1;
 		if (dw_narrow_fits(t, cv) && (!de || !strcmp(de, "narrow")))
 			dcand[nd++] = 2;
+		if (nd == 0)   /* MTLZ_CUDA_DW names no path that exists: the GEMMs */
+			dcand[nd++] = 0;
 		best = INFINITY;
 		for (int c = 0; nd > 1 && c < nd && rc == MTLZ_OK; c++) {
 			cv->dw = dcand[c];

@@ -82,17 +82,21 @@ int tu_run(const char *dir, char **out, char **err, const char *fmt, ...)
 	strcat(cmd, path);
 	free(*out);
 	*out = malloc(cap);
+	cr_assert_not_null(*out);
 	p = popen(cmd, "r");
 	cr_assert_not_null(p);
-	while (!feof(p)) {
-		if (n + 4096 > cap)
+	while (!feof(p) && !ferror(p)) {
+		if (n + 4096 > cap) {
 			*out = realloc(*out, cap *= 2);
+			cr_assert_not_null(*out);
+		}
 		n += fread(*out + n, 1, 4096, p);
 	}
 	(*out)[n] = '\0';
 	st = pclose(p);
 	free(*err);
 	*err = calloc(1, 1 << 16);
+	cr_assert_not_null(*err);
 	p = fopen(path, "r");
 	if (p) {
 		size_t r = fread(*err, 1, (1 << 16) - 1, p);

@@ -366,6 +366,13 @@ int main(int argc, char **argv)
 		fputs(usage, stderr);
 		return 2;
 	}
+	/* checked before the archives are read */
+	if (c.o.precision && !strcmp(c.o.precision, "tf32") &&
+	    (!c.o.engine || strcmp(c.o.engine, "cuda"))) {
+		fputs("mtlz-retrain: precision tf32 needs the cuda trainer (--engine cuda); "
+		      "the CPU trains in fp32\n", stderr);
+		return 2;
+	}
 	c.o.data = c.data;
 	c.o.n_data = c.n_data;
 	c.o.stop = &stop_flag;
