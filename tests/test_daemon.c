@@ -668,24 +668,30 @@ static void explain_missing_results(void)
 		dump_log(logs[i]);
 }
 
-/* 16 spectra, a fault, 16 more: all 32 come out, and the stop is clean.
- * `set` (or NULL) is passed to the daemon. */
-static void check_survives(void (*fault)(void), const char *set)
+/* All 32 results of the fault tests come out, and daemon d stops cleanly.
+ * librdkafka reconnects with a backoff of up to reconnect.backoff.max.ms
+ * (10 s): the reader waits longer than that before it gives up. */
+static void all_32_then_stop(pid_t d)
 {
-	pid_t d = start_daemon("mtlzd", NULL, set);
-	int distinct, n;
+	int distinct, n = read_results(1000, 30, &distinct);
 
-	replay(16, "single_object");
-	fault();
-	replay(16, "single_object");
-	/* librdkafka reconnects with a backoff of up to reconnect.backoff.max.ms
-	 * (10 s): give the reader more than that before it gives up */
-	n = read_results(1000, 30, &distinct);
 	if (distinct != 32)
 		explain_missing_results();
 	cr_assert_eq(distinct, 32, "%d rows, %d distinct (%s)", n, distinct, dir);
 	kill(d, SIGTERM);
 	cr_assert_eq(wait_exit(d, 60), 0);
+}
+
+/* 16 spectra, a fault, 16 more: all 32 come out, and the stop is clean.
+ * `set` (or NULL) is passed to the daemon. */
+static void check_survives(void (*fault)(void), const char *set)
+{
+	pid_t d = start_daemon("mtlzd", NULL, set);
+
+	replay(16, "single_object");
+	fault();
+	replay(16, "single_object");
+	all_32_then_stop(d);
 }
 
 static void broker_outage(void)
@@ -751,12 +757,7 @@ Test(daemon, injected_errors_on_the_daemons_own_requests_are_retried)
 	kill(broker_pid, SIGHUP);  /* the next Produce/Fetch/OffsetCommit fail */
 	sleep(1);
 	cr_assert_eq(kill(d, SIGCONT), 0);
-	n = read_results(1000, 30, &distinct);
-	if (distinct != 32)
-		explain_missing_results();
-	cr_assert_eq(distinct, 32, "%d rows, %d distinct (%s)", n, distinct, dir);
-	kill(d, SIGTERM);
-	cr_assert_eq(wait_exit(d, 60), 0);
+	all_32_then_stop(d);
 	cr_assert_geq(count_in_log("mtlzd", "encountered error", NULL, NULL), 1,
 		      "the daemon's producer met no injected error (%s/mtlzd.log)", dir);
 	cr_assert_geq(count_in_log("mtlzd", "event=consume_error", NULL, NULL), 1,
