@@ -86,6 +86,8 @@ int main(int argc, char **argv)
 		rc = mtlz_conf_resolve_model(&conf, &model_from, err, sizeof(err));
 	if (rc == MTLZ_OK)
 		rc = mtlz_conf_validate(&conf, err, sizeof(err));
+	if (rc == MTLZ_OK)
+		rc = mtlzd_check_kafka(&conf, err, sizeof(err));
 	if (rc != MTLZ_OK) {
 		fprintf(stderr, "mtlzd: %s\n", err);
 		mtlz_conf_free(&conf);

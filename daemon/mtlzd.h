@@ -202,6 +202,13 @@ struct mtlzd {
 	pthread_t infer_thr, deliver_thr;
 };
 
+/* The kafka.consumer.* and kafka.producer.* pass-through properties, each
+ * given to librdkafka's configuration as mtlzd_start will give it (names
+ * and values are checked there; what only a client's creation checks, such
+ * as conflicting settings, is not): the first it refuses, naming the key.
+ * @locality main thread */
+int mtlzd_check_kafka(const mtlz_conf *conf, char *errstr, size_t errstr_size);
+
 /* Sets up Kafka clients, model, engine and threads from a validated conf.
  * @locality main thread */
 int mtlzd_start(struct mtlzd *d, const mtlz_conf *conf, volatile sig_atomic_t *stop,

@@ -783,6 +783,29 @@ static int set_kv(rd_kafka_conf_t *kc, const char *k, const char *v, char *errst
 	return MTLZ_OK;
 }
 
+int mtlzd_check_kafka(const mtlz_conf *c, char *errstr, size_t errstr_size)
+{
+	for (int role = 0; role < 2; role++) {
+		const mtlz_kv *pass = role ? c->kafka_producer : c->kafka_consumer;
+		const int n = role ? c->n_kafka_producer : c->n_kafka_consumer;
+
+		for (int i = 0; i < n; i++) {
+			rd_kafka_conf_t *kc = rd_kafka_conf_new();
+			char e[256];
+			const rd_kafka_conf_res_t r = rd_kafka_conf_set(kc, pass[i].key, pass[i].value,
+									 e, sizeof(e));
+
+			rd_kafka_conf_destroy(kc);
+			if (r != RD_KAFKA_CONF_OK)
+				return mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID,
+						"kafka.%s.%s = %s: librdkafka: %s",
+						role ? "producer" : "consumer", pass[i].key,
+						pass[i].value, e);
+		}
+	}
+	return MTLZ_OK;
+}
+
 static rd_kafka_t *make_client(struct mtlzd *d, rd_kafka_type_t type, char *errstr,
 			       size_t errstr_size)
 {

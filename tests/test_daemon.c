@@ -841,6 +841,15 @@ Test(daemon, configuration_errors_exit_2_naming_the_key)
 		 config, dir);
 	cr_assert_eq(WEXITSTATUS(system(cmd)), 2, "tf32 is a CUDA option");
 	cr_assert_eq(count_in_log("err2", "engine.precision = tf32", NULL, NULL), 1);
+	/* librdkafka's own properties, passed through, are checked too */
+	snprintf(cmd, sizeof(cmd), DAEMON " --config %s --set kafka.producer.linger.ms=soon "
+		 "--check-config 2>%s/err3.log", config, dir);
+	cr_assert_eq(WEXITSTATUS(system(cmd)), 2, "a bad librdkafka value");
+	cr_assert_eq(count_in_log("err3", "kafka.producer.linger.ms = soon", NULL, NULL), 1);
+	snprintf(cmd, sizeof(cmd), DAEMON " --config %s --set kafka.consumer.no.such.property=1 "
+		 "2>%s/err4.log", config, dir);
+	cr_assert_eq(WEXITSTATUS(system(cmd)), 2, "an unknown librdkafka property");
+	cr_assert_eq(count_in_log("err4", "kafka.consumer.no.such.property", NULL, NULL), 1);
 	snprintf(cmd, sizeof(cmd), DAEMON " --config %s --check-config >/dev/null 2>&1", config);
 	cr_assert_eq(WEXITSTATUS(system(cmd)), 0);
 }
