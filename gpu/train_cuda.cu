@@ -360,6 +360,15 @@ static const float one = 1.0f, zero = 0.0f;
 
 static int autotune(struct mtlz_cuda_trainer *t, char *errstr, size_t errstr_size);
 
+/* After an error: copies from the pinned staging buffers may still be in
+ * flight, so let the stream finish before the caller reuses anything, and
+ * clear the error state for the next call. */
+static void settle(struct mtlz_cuda_trainer *t)
+{
+	cudaStreamSynchronize(t->st);
+	cudaGetLastError();
+}
+
 static long offset_of(const mtlz_model *m, const char *name)
 {
 	size_t off = 0;
@@ -862,10 +871,8 @@ out:
 		cudaEventDestroy(e[0]);
 	if (e[1])
 		cudaEventDestroy(e[1]);
-	if (rc != MTLZ_OK) {
-		cudaStreamSynchronize(t->st);
-		cudaGetLastError();
-	}
+	if (rc != MTLZ_OK)
+		settle(t);
 	return rc;
 }
 
@@ -881,12 +888,8 @@ extern "C" int mtlz_cuda_trainer_step(struct mtlz_cuda_trainer *t, const float *
 	const int rc = step(t, params, bt, o, loss, grad != NULL, grad, logits_out, metal_out,
 			    errstr, errstr_size);
 
-	/* on an error, copies from the pinned staging buffers may still be in
-	 * flight: let them finish before the caller reuses anything */
-	if (rc != MTLZ_OK) {
-		cudaStreamSynchronize(t->st);
-		cudaGetLastError();
-	}
+	if (rc != MTLZ_OK)
+		settle(t);
 	return rc;
 }
 
@@ -1149,10 +1152,8 @@ extern "C" int mtlz_cuda_trainer_adam_step(struct mtlz_cuda_trainer *t, const fl
 	rc = step(t, NULL, bt, o, loss, 1, NULL, NULL, NULL, errstr, errstr_size);
 	if (rc == MTLZ_OK)
 		rc = adam_launch(t, a, errstr, errstr_size);
-	if (rc != MTLZ_OK) {
-		cudaStreamSynchronize(t->st);
-		cudaGetLastError();
-	}
+	if (rc != MTLZ_OK)
+		settle(t);
 	return rc;
 }
 

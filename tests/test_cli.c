@@ -41,13 +41,7 @@ static void setup(void)
 
 static void teardown(void)
 {
-	char cmd[300];
-
-	snprintf(cmd, sizeof(cmd), "rm -rf %s", tmpdir);
-	cr_assert_eq(system(cmd), 0);
-	free(out_buf);
-	free(err_buf);
-	out_buf = err_buf = NULL;
+	tu_run_cleanup(tmpdir, &out_buf, &err_buf);
 }
 
 TestSuite(cli, .init = setup, .fini = teardown, .timeout = 300);

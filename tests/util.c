@@ -156,3 +156,14 @@ void tu_write_archive(const struct tu_archive *o)
 	cr_assert_eq(mtlz_archive_writer_close(w, err, sizeof(err)), 0, "%s", err);
 	mtlz_avro_free(a);
 }
+
+void tu_run_cleanup(const char *dir, char **out, char **err)
+{
+	char cmd[300];
+
+	snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+	cr_assert_eq(system(cmd), 0);
+	free(*out);
+	free(*err);
+	*out = *err = NULL;
+}

@@ -34,6 +34,9 @@ struct tu_archive {
 	int tilt;
 };
 void tu_write_archive(const struct tu_archive *o);
+/* Ends what tu_run left: frees *out and *err (set to NULL) and removes
+ * dir with everything below it (asserts). */
+void tu_run_cleanup(const char *dir, char **out, char **err);
 /* A small model: the paper's layout with channels 4/8/8/16/16, attention
  * 1/4, heads 16/8, dropout 0.2, He-initialised from seed (asserts). */
 struct mtlz_model *tu_small_model(uint64_t seed);
