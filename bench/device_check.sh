@@ -34,7 +34,8 @@ echo "== profile (events between stages, no graphs)"
 for conv in ${PROFILE_CONV:-auto gemm direct}; do
 	echo "-- MTLZ_CUDA_CONV=$conv"
 	MTLZ_CUDA_CONV=$conv MTLZ_CUDA_PROFILE=1 timeout 60 .devrun/tools/mtlz bench --engine cuda \
-		--batch ${PROFILE_BATCH:-1,64,4096} --threads 1 --seconds 1 --no-preprocess 2>&1
+		--precision ${PROFILE_PREC:-fp32} --batch ${PROFILE_BATCH:-1,64,4096} --threads 1 \
+		--seconds 1 --no-preprocess 2>&1
 done | tee "$OUT/profile.log"
 echo "== bench"
 timeout "${BENCH_TIMEOUT:-280}" python3 -u bench/gpu_vs_torch.py --mtlz .devrun/tools/mtlz \

@@ -26,13 +26,15 @@
  * layer at a small (8) and a large (min(max_batch, 1024)) batch and keeps
  * the fastest for each; describe() shows the choice per layer (f: first
  * layer kernel, g: GEMM path, d: direct, F: direct with the first layer
- * fused in).
+ * fused in; with precision tf32 also t and T: the same two direct kernels
+ * on TF32 tensor cores).
  *
  * Environment (for tests and benches): MTLZ_CUDA_DEVICE (ordinal, default
  * 0), MTLZ_CUDA_GRAPHS (largest batch replayed from a graph, default 64;
  * 0 = never), MTLZ_CUDA_POISON=1 (fill every intermediate buffer with NaN
  * before each batch: an element a kernel fails to write shows up as NaN),
- * MTLZ_CUDA_CONV=gemm|direct (force one convolution path where possible),
+ * MTLZ_CUDA_CONV=gemm|direct|mma (force one convolution path where
+ * possible; mma needs tf32, else it means direct),
  * MTLZ_CUDA_PROFILE=1 (events between stages, no graphs; the mean time of
  * each stage per batch size is printed to stderr when the engine is freed).
  */
@@ -64,7 +66,8 @@ struct cu_layer {
 	float *wd;         /* direct kernel: [k][cin][cout]; NULL when unsupported */
 	int direct[2];     /* [0] batches <= 16, [1] larger ones: 0 GEMM path,
 			    * 1 direct kernel, 2 direct kernel with the first
-			    * layer fused in (layer 1 only; layer 0 is skipped) */
+			    * layer fused in (layer 1 only; layer 0 is skipped),
+			    * 3 and 4: the same two as TF32 tensor-core kernels */
 };
 
 struct cu_head {
@@ -90,7 +93,8 @@ struct cu_prof {
 
 struct cuda_ctx {
 	int dev, max_batch, mc_reserved, tf32, poison, graph_max;
-	int conv_mode;     /* 0 auto (timed), 1 gemm, 2 direct */
+	int conv_mode;     /* 0 auto (timed), 1 gemm, 2 direct, 3 mma */
+	int mma;           /* TF32 tensor-core direct kernel usable (tf32, sm_80+) */
 	uint64_t seed;
 	char desc[256];
 	char desc_full[512];
@@ -277,7 +281,8 @@ static void *cuda_init(const mtlz_engine_opts *o, char *errstr, size_t errstr_si
 	{
 		const char *cm = getenv("MTLZ_CUDA_CONV");
 
-		c->conv_mode = cm && strcmp(cm, "gemm") == 0 ? 1 : cm && strcmp(cm, "direct") == 0 ? 2 : 0;
+		c->conv_mode = !cm ? 0 : strcmp(cm, "gemm") == 0 ? 1 : strcmp(cm, "direct") == 0 ? 2 :
+			       strcmp(cm, "mma") == 0 ? 3 : 0;
 	}
 	if ((e = cudaSetDevice(dev)) != cudaSuccess ||
 	    (e = cudaGetDeviceProperties(&p, dev)) != cudaSuccess ||
@@ -303,6 +308,7 @@ static void *cuda_init(const mtlz_engine_opts *o, char *errstr, size_t errstr_si
 	}
 	for (int i = 0; c->profile && i <= MAX_STAGES; i++)
 		cudaEventCreate(&c->ev[i]);
+	c->mma = c->tf32 && p.major >= 8;
 	snprintf(c->desc, sizeof(c->desc),
 		 "cuda device=%d %.64s (sm_%d%d, %d SMs, %.1f GiB) precision=%s graphs<=%d%s",
 		 dev, p.name, p.major, p.minor, p.multiProcessorCount,
@@ -552,13 +558,17 @@ static int conv_layer(struct cuda_ctx *c, const struct cu_layer *Lr, int n, cons
 		mtlz_cu_conv_first(c->x, n, c->arch.input_length, Lr->w, Lr->b, Lr->cout, Lr->k,
 				   pad, out, c->st);
 		LAUNCH_TRY("conv_first");
-	} else if (direct == 2) {
+	} else if (direct == 2 || direct == 4) {
 		const struct cu_layer *L0 = &c->conv[0];
 
-		mtlz_cu_conv_direct_first(c->x, c->arch.input_length, L0->w, L0->b, n, Lr->lin_pad,
-					  Lr->cin, Lr->wd, Lr->b, Lr->cout, Lr->lout,
-					  Lr->pool ? Lr->pool : 1, pad, out, c->st);
-		LAUNCH_TRY("conv_direct_first");
+		(direct == 2 ? mtlz_cu_conv_direct_first : mtlz_cu_conv_mma_first)(
+			c->x, c->arch.input_length, L0->w, L0->b, n, Lr->lin_pad, Lr->cin, Lr->wd,
+			Lr->b, Lr->cout, Lr->lout, Lr->pool ? Lr->pool : 1, pad, out, c->st);
+		LAUNCH_TRY(direct == 2 ? "conv_direct_first" : "conv_mma_first");
+	} else if (direct == 3) {
+		mtlz_cu_conv_mma(in, n, Lr->lin_pad, Lr->cin, Lr->wd, Lr->b, Lr->cout, Lr->lout,
+				 Lr->pool ? Lr->pool : 1, pad, out, c->st);
+		LAUNCH_TRY("conv_mma");
 	} else if (direct) {
 		mtlz_cu_conv_direct(in, n, Lr->lin_pad, Lr->cin, Lr->wd, Lr->b, Lr->cout, Lr->lout,
 				    Lr->pool ? Lr->pool : 1, pad, out, c->st);
@@ -609,10 +619,12 @@ static int time_layer(struct cuda_ctx *c, const struct cu_layer *Lr, int n, int 
 	return MTLZ_OK;
 }
 
-/* Picks the GEMM path or the direct kernel for every layer, by timing both
- * at a small and a large batch (or as MTLZ_CUDA_CONV says). */
+/* Picks the GEMM path, the direct kernel or (tf32) the tensor-core direct
+ * kernel for every layer, by timing them at a small and a large batch (or
+ * as MTLZ_CUDA_CONV says). */
 static int choose_conv(struct cuda_ctx *c, char *errstr, size_t errstr_size)
 {
+	static const char code[] = "gdFtT";
 	const int nb[2] = { MTLZ_MIN(c->max_batch, 8), MTLZ_MIN(c->max_batch, 1024) };
 	char pick[2][MAX_LAYERS + 1];
 	cudaEvent_t e0, e1;
@@ -633,29 +645,40 @@ static int choose_conv(struct cuda_ctx *c, char *errstr, size_t errstr_size)
 			struct cu_layer *Lr = &c->conv[i];
 			/* layer 1 after a Cin = 1, k = 3 first layer can take it in */
 			const int fuse = i == 1 && c->conv[0].cin == 1 && c->conv[0].k == 3;
-			float tg = 0, td = 0, tf = 0, t0 = 0;
+			const int mma = c->mma && mtlz_cu_conv_mma_ok(Lr->cin, Lr->cout, Lr->k,
+								      Lr->pool ? Lr->pool : 1);
+			float t[5], t0 = 0;
+			int best = 0;
 
 			Lr->direct[b] = 0;
 			pick[b][i] = Lr->cin == 1 ? 'f' : 'g';
 			if (!Lr->wd || c->conv_mode == 1)
 				continue;
-			if (c->conv_mode == 2) {
+			if (c->conv_mode == 2 || (c->conv_mode == 3 && !mma)) {
 				Lr->direct[b] = fuse ? 2 : 1;
+			} else if (c->conv_mode == 3) {
+				Lr->direct[b] = fuse ? 4 : 3;
 			} else {
-				rc = time_layer(c, Lr, nb[b], 0, e0, e1, &tg, errstr, errstr_size);
-				if (!rc)
-					rc = time_layer(c, Lr, nb[b], 1, e0, e1, &td, errstr, errstr_size);
-				if (!rc && fuse)
-					rc = time_layer(c, Lr, nb[b], 2, e0, e1, &tf, errstr, errstr_size);
+				/* candidates: 0 GEMM, 1 direct, 2 direct + first layer,
+				 * 3 mma, 4 mma + first layer; a fused one also saves
+				 * layer 0's own time t0 */
+				for (int d = 0; d < 5 && !rc; d++) {
+					t[d] = 1e30f;
+					if (((d == 2 || d == 4) && !fuse) || (d >= 3 && !mma))
+						continue;
+					rc = time_layer(c, Lr, nb[b], d, e0, e1, &t[d], errstr,
+							errstr_size);
+				}
 				if (!rc && fuse)
 					rc = time_layer(c, &c->conv[0], nb[b], 0, e0, e1, &t0, errstr,
 							errstr_size);
-				Lr->direct[b] = td < tg ? 1 : 0;
-				if (fuse && tf < t0 + MTLZ_MIN(tg, td))
-					Lr->direct[b] = 2;
+				for (int d = 1; d < 5; d++)
+					if ((d == 2 || d == 4 ? t[d] - t0 : t[d]) <
+					    (best == 2 || best == 4 ? t[best] - t0 : t[best]))
+						best = d;
+				Lr->direct[b] = best;
 			}
-			if (Lr->direct[b])
-				pick[b][i] = Lr->direct[b] == 2 ? 'F' : 'd';
+			pick[b][i] = code[Lr->direct[b]];
 		}
 	cudaEventDestroy(e0);
 	cudaEventDestroy(e1);
@@ -703,7 +726,8 @@ static int enqueue(struct cuda_ctx *c, int n, int mc, char *errstr, size_t errst
 	for (int i = 0; i < c->n_conv; i++) {
 		const struct cu_layer *Lr = &c->conv[i];
 
-		if (i == 0 && c->n_conv > 1 && c->conv[1].wd && c->conv[1].direct[n > 16] == 2)
+		if (i == 0 && c->n_conv > 1 && c->conv[1].wd &&
+		    (c->conv[1].direct[n > 16] == 2 || c->conv[1].direct[n > 16] == 4))
 			continue; /* done inside layer 1 */
 		if ((rc = conv_layer(c, Lr, n, in, out, Lr->wd ? Lr->direct[n > 16] : 0, errstr,
 				     errstr_size)))

@@ -42,6 +42,15 @@ void mtlz_cu_conv_direct(const float *in, int n, int lin_pad, int cin, const flo
 void mtlz_cu_conv_direct_first(const float *x, int L, const float *w1, const float *b1,
 			       int n, int lin_pad, int cin, const float *w, const float *b,
 			       int cout, int lout, int pool, int pad, float *out, cudaStream_t s);
+/* The same two on TF32 tensor cores (mma.sync, sm_80+; precision=tf32
+ * only): _ok needs cin % 16 == 0. */
+int mtlz_cu_conv_mma_ok(int cin, int cout, int k, int pool);
+void mtlz_cu_conv_mma(const float *in, int n, int lin_pad, int cin, const float *w,
+		      const float *b, int cout, int lout, int pool, int pad, float *out,
+		      cudaStream_t s);
+void mtlz_cu_conv_mma_first(const float *x, int L, const float *w1, const float *b1, int n,
+			    int lin_pad, int cin, const float *w, const float *b, int cout,
+			    int lout, int pool, int pad, float *out, cudaStream_t s);
 /* Global average pool of act[n][L + 2 pad][C] over the L inner rows. */
 void mtlz_cu_gap(const float *act, int n, int L, int C, int pad, float *g, cudaStream_t s);
 /* Squeeze-and-excitation on the pooled vector: feat = g * sigmoid(W2 relu(W1 g + b1) + b2)

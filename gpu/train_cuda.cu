@@ -51,7 +51,8 @@ struct tconv {
 	float *wc;   /* [cin][k*cout] forward */
 	float *wt;   /* [cout][k*cin] backward */
 	float *wd;   /* [k][cin][cout] the direct kernel's */
-	int fwd;     /* forward: 0 GEMM + epilogue, 1 direct kernel (conv_direct.cu) */
+	int fwd;     /* forward: 0 GEMM + epilogue, 1 direct kernel (conv_direct.cu),
+		      * 2 its TF32 tensor-core version (tf32 only) */
 	int dw;      /* dW: 0 one GEMM per tap, 1/2 k_dw_narrow with ~2048/~256 rows a block */
 };
 
@@ -83,7 +84,7 @@ struct mtlz_cuda_trainer {
 	float *h_out, *h_dlog, *h_dmet, *h_mask; /* pinned */
 	float *h_x;  /* pinned [Bmax][L]: a batch gathered here is copied asynchronously */
 	float *am, *av; /* Adam's moments (adam_step) */
-	int tf32;
+	int tf32, cc_major;
 	/* MTLZ_CUDA_PROFILE=1: device time of the forward and the backward */
 	int profile;
 	long prof_steps;
@@ -614,6 +615,7 @@ extern "C" struct mtlz_cuda_trainer *mtlz_cuda_trainer_new(const mtlz_model *m, 
 	for (int i = 0; t->profile && i < NL; i++)
 		for (int j = 0; j < 5; j++)
 			cudaEventCreate(&t->cev[i][j]);
+	t->cc_major = prop.major;
 	snprintf(t->dev_desc, sizeof(t->dev_desc), "cuda device=%d %.64s (sm_%d%d) batch<=%d", t->dev,
 		 prop.name, prop.major, prop.minor, max_batch);
 	if (autotune(t, errstr, errstr_size)) {
@@ -703,9 +705,10 @@ static int conv_fwd(struct mtlz_cuda_trainer *t, const struct tconv *cv, const f
 
 	PROF(cv, 0);
 	if (cv->fwd) {
-		mtlz_cu_conv_direct(X, t->B, rows_in, cv->cin, cv->wd, t->p + cv->ob, cv->cout, lout,
-				    1, t->pad, Y, t->st);
-		LAUNCH_TRY("conv_direct");
+		(cv->fwd == 2 ? mtlz_cu_conv_mma : mtlz_cu_conv_direct)(
+			X, t->B, rows_in, cv->cin, cv->wd, t->p + cv->ob, cv->cout, lout, 1, t->pad, Y,
+			t->st);
+		LAUNCH_TRY(cv->fwd == 2 ? "conv_mma" : "conv_direct");
 		PROF(cv, 1);
 		return MTLZ_OK;
 	}
@@ -794,7 +797,8 @@ static int time_op(struct mtlz_cuda_trainer *t, cudaEvent_t e[2], F op, float *m
  * at ~2048 or ~256 rows a block) timed at the largest batch, the fastest
  * kept: which wins depends on the layer's length and width, the batch and
  * the precision (the direct kernels are fp32 FMA only). The buffers' values
- * do not matter to the timing. MTLZ_CUDA_TRAIN_CONV=gemm|direct and
+ * do not matter to the timing. Under tf32 the forward also has the direct
+ * kernel's tensor-core version. MTLZ_CUDA_TRAIN_CONV=gemm|direct|mma and
  * MTLZ_CUDA_DW=gemm|narrow|narrow2048 force a path where it applies.
  */
 static int autotune(struct mtlz_cuda_trainer *t, char *errstr, size_t errstr_size)
@@ -817,16 +821,23 @@ static int autotune(struct mtlz_cuda_trainer *t, char *errstr, size_t errstr_siz
 		const float *X = second ? t->R1[b] : t->X[b];
 		float *Y = second ? t->Y2[b] : t->R1[b];
 		const int rows = second ? t->rp1[b] : t->rp0[b], lout = second ? t->l2[b] : t->l1[b];
-		int fcand[2], nf = 0, dcand[3], nd = 0;
+		int fcand[3], nf = 0, dcand[3], nd = 0;
 		float best = INFINITY, ms = 0;
 
 		if (cv->cin > 1) {   /* the first layer is conv_first, always */
 			const int direct = mtlz_cu_conv_direct_ok(cv->cin, cv->cout, t->k, 1);
+			const int mma = t->tf32 && t->cc_major >= 8 &&
+					mtlz_cu_conv_mma_ok(cv->cin, cv->cout, t->k, 1);
 
 			if (!fe || strcmp(fe, "direct") || !direct)
-				fcand[nf++] = 0;
-			if (direct && (!fe || strcmp(fe, "gemm")))
+				if (!fe || strcmp(fe, "mma") || !mma)
+					fcand[nf++] = 0;
+			if (direct && (!fe || !strcmp(fe, "direct")))
 				fcand[nf++] = 1;
+			if (mma && (!fe || !strcmp(fe, "mma")))
+				fcand[nf++] = 2;
+			if (nf == 0)
+				fcand[nf++] = 0;
 		}
 		cv->fwd = nf ? fcand[0] : 0;
 		for (int c = 0; nf > 1 && c < nf && rc == MTLZ_OK; c++) {
@@ -860,7 +871,7 @@ static int autotune(struct mtlz_cuda_trainer *t, char *errstr, size_t errstr_siz
 			}
 		}
 		cv->dw = dcand[0];
-		fs[i] = cv->cin == 1 ? 'f' : cv->fwd ? 'd' : 'g';
+		fs[i] = cv->cin == 1 ? 'f' : "gdt"[cv->fwd];
 		ds[i] = "gNn"[cv->dw];
 	}
 	fs[2 * t->nb] = ds[2 * t->nb] = '\0';
