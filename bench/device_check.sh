@@ -49,10 +49,12 @@ if [ -n "${TRAIN:-}" ]; then
 	done | tee "$OUT/train.log"
 	timeout 60 python3 bench/torch_train.py --device cuda --batch 128 --seconds 3 \
 		--model .devrun/model.safetensors 2>&1 | tee -a "$OUT/train.log"
-	echo "-- profile (fp32, events around each convolution's passes)"
-	MTLZ_CUDA_PROFILE=1 timeout 60 .devrun/tools/mtlz bench --train --engine cuda --batch 128 \
-		--threads 4 --seconds 2 --model .devrun/model.safetensors 2>&1 | grep -v '^#' |
-		tee -a "$OUT/train.log"
+	for prec in ${TRAIN_PROFILE_PREC:-fp32 tf32}; do
+		echo "-- profile ($prec, events around each convolution's passes)"
+		MTLZ_CUDA_PROFILE=1 timeout 60 .devrun/tools/mtlz bench --train --engine cuda \
+			--precision $prec --batch 128 --threads 4 --seconds 2 \
+			--model .devrun/model.safetensors 2>&1 | grep -v '^#'
+	done | tee -a "$OUT/train.log"
 fi
 if [ -n "${TRAIN_RETRAIN:-}" ]; then
 	echo "== mtlz-retrain --engine cuda on a synthetic archive"

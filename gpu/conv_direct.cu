@@ -269,11 +269,22 @@ __device__ __forceinline__ float to_tf32(float x)
 #endif
 }
 
-template <int BM, int BN, int WM, int WN, int POOL, bool FIRST>
+/* DX mode (training's input gradient, a transposed convolution): the
+ * input is dY with `shift` = k - 1 - pad rows of zeros in front; the
+ * weights are the flipped ones, [k][cout][cin]; no bias, no ReLU: the
+ * output is masked by the previous layer's activation (mask > 0; none when
+ * mask is NULL) for t < lout and zero for lout <= t < rows_out, at rows t
+ * (no padding offset). */
+struct dx_args {
+	const float *mask;
+	int shift;
+};
+
+template <int BM, int BN, int WM, int WN, int POOL, bool FIRST, bool DX>
 __global__ void __launch_bounds__((BM / WM) * (BN / WN) * 32)
 k_conv_mma(const float *__restrict__ in, int lin_pad, int cin, const float *__restrict__ w,
 	   const float *__restrict__ b, int cout, int lout, int pad, int rows_out,
-	   float *__restrict__ out, struct first_layer f)
+	   float *__restrict__ out, struct first_layer f, struct dx_args dx)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 	constexpr int NT = (BM / WM) * (BN / WN) * 32, AR = BM + KW - 1;
@@ -327,10 +338,11 @@ k_conv_mma(const float *__restrict__ in, int lin_pad, int cin, const float *__re
 			}
 		} else
 			for (int e = tid; e < AR * (MMA_BK / 4); e += NT) {
-				const int r = e / (MMA_BK / 4), c4 = (e % (MMA_BK / 4)) * 4, row = t0 + r;
+				const int r = e / (MMA_BK / 4), c4 = (e % (MMA_BK / 4)) * 4,
+					  row = t0 + r - (DX ? dx.shift : 0);
 				float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 
-				if (row < lin_pad)
+				if ((!DX || row >= 0) && row < lin_pad)
 					v = *reinterpret_cast<const float4 *>(src + (size_t)row * cin +
 									  c0 + c4);
 				v.x = to_tf32(v.x);
@@ -405,38 +417,62 @@ k_conv_mma(const float *__restrict__ in, int lin_pad, int cin, const float *__re
 	float *o = out + i * rows_out * cout + n0;
 	const int Lp = POOL > 1 ? (lout - POOL) / POOL + 1 : lout;
 
-	for (int e = tid; e < STEP / POOL * (BN / 4); e += NT) {
-		const int q = e / (BN / 4), col = (e % (BN / 4)) * 4, qo = t0 / POOL + q;
-		float4 v = *reinterpret_cast<const float4 *>(&sm.C[q * POOL][col]);
-		const float4 bb = *reinterpret_cast<const float4 *>(b + n0 + col);
+	if constexpr (DX) {
+		const float *mk = dx.mask ? dx.mask + (i * rows_out + pad) * cout + n0 : NULL;
 
-		if (qo >= Lp)
-			continue;
+		for (int e = tid; e < BM * (BN / 4); e += NT) {
+			const int r = e / (BN / 4), col = (e % (BN / 4)) * 4, t = t0 + r;
+			float4 v = *reinterpret_cast<const float4 *>(&sm.C[r][col]);
+
+			if (t >= rows_out)
+				continue;
+			if (t >= lout) {
+				v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+			} else if (mk) {
+				const float4 m = *reinterpret_cast<const float4 *>(
+					mk + (size_t)t * cout + col);
+
+				v.x = m.x > 0.0f ? v.x : 0.0f;
+				v.y = m.y > 0.0f ? v.y : 0.0f;
+				v.z = m.z > 0.0f ? v.z : 0.0f;
+				v.w = m.w > 0.0f ? v.w : 0.0f;
+			}
+			*reinterpret_cast<float4 *>(o + (size_t)t * cout + col) = v;
+		}
+	} else {
+		for (int e = tid; e < STEP / POOL * (BN / 4); e += NT) {
+			const int q = e / (BN / 4), col = (e % (BN / 4)) * 4, qo = t0 / POOL + q;
+			float4 v = *reinterpret_cast<const float4 *>(&sm.C[q * POOL][col]);
+			const float4 bb = *reinterpret_cast<const float4 *>(b + n0 + col);
+
+			if (qo >= Lp)
+				continue;
 #pragma unroll
-		for (int u = 1; u < POOL; u++) {
-			const float4 x = *reinterpret_cast<const float4 *>(&sm.C[q * POOL + u][col]);
+			for (int u = 1; u < POOL; u++) {
+				const float4 x = *reinterpret_cast<const float4 *>(&sm.C[q * POOL + u][col]);
 
-			v.x = fmaxf(v.x, x.x);
-			v.y = fmaxf(v.y, x.y);
-			v.z = fmaxf(v.z, x.z);
-			v.w = fmaxf(v.w, x.w);
+				v.x = fmaxf(v.x, x.x);
+				v.y = fmaxf(v.y, x.y);
+				v.z = fmaxf(v.z, x.z);
+				v.w = fmaxf(v.w, x.w);
+			}
+			v.x = fmaxf(v.x + bb.x, 0.0f);
+			v.y = fmaxf(v.y + bb.y, 0.0f);
+			v.z = fmaxf(v.z + bb.z, 0.0f);
+			v.w = fmaxf(v.w + bb.w, 0.0f);
+			*reinterpret_cast<float4 *>(o + (size_t)(pad + qo) * cout + col) = v;
 		}
-		v.x = fmaxf(v.x + bb.x, 0.0f);
-		v.y = fmaxf(v.y + bb.y, 0.0f);
-		v.z = fmaxf(v.z + bb.z, 0.0f);
-		v.w = fmaxf(v.w + bb.w, 0.0f);
-		*reinterpret_cast<float4 *>(o + (size_t)(pad + qo) * cout + col) = v;
+		/* zero padding rows at the spectrum's two ends */
+		if (blockIdx.x == 0 || blockIdx.x == gridDim.x - 1)
+			for (int e = tid; e < pad * BN; e += NT) {
+				const int r = e / BN, col = e % BN;
+
+				if (blockIdx.x == 0)
+					o[(size_t)r * cout + col] = 0.0f;
+				if (blockIdx.x == gridDim.x - 1)
+					o[(size_t)(rows_out - pad + r) * cout + col] = 0.0f;
+			}
 	}
-	/* zero padding rows at the spectrum's two ends */
-	if (blockIdx.x == 0 || blockIdx.x == gridDim.x - 1)
-		for (int e = tid; e < pad * BN; e += NT) {
-			const int r = e / BN, col = e % BN;
-
-			if (blockIdx.x == 0)
-				o[(size_t)r * cout + col] = 0.0f;
-			if (blockIdx.x == gridDim.x - 1)
-				o[(size_t)(rows_out - pad + r) * cout + col] = 0.0f;
-		}
 #else
 	__trap();
 #endif
@@ -447,54 +483,63 @@ int mtlz_cu_conv_mma_ok(int cin, int cout, int k, int pool)
 	return k == KW && cin % MMA_BK == 0 && cout % 16 == 0 && pool >= 1 && pool <= 3;
 }
 
-template <int BM, int BN, int WM, int WN, bool FIRST>
+/* All launches of one tile configuration; in DX mode rows_out is given
+ * (the gradient's row stride), else it follows from lout, pool and pad. */
+template <int BM, int BN, int WM, int WN, bool FIRST, bool DX>
 static void launch_mma(const float *in, int n, int lin_pad, int cin, const float *w,
-		       const float *b, int cout, int lout, int pool, int pad, float *out,
-		       struct first_layer f, cudaStream_t s)
+		       const float *b, int cout, int lout, int pool, int pad, int rows_out,
+		       float *out, struct first_layer f, struct dx_args dx, cudaStream_t s)
 {
 	constexpr int NT = (BM / WM) * (BN / WN) * 32;
 	const int Lp = pool > 1 ? (lout - pool) / pool + 1 : lout;
-	const int rows_out = Lp + 2 * pad, step = BM / pool * pool;
-	const int need = pool > 1 ? Lp * pool : lout;
+	const int step = BM / pool * pool;
+	const int need = DX ? rows_out : pool > 1 ? Lp * pool : lout;
 	const int tiles = MTLZ_MAX((need + step - 1) / step, 1);
 
+	if (!DX)
+		rows_out = Lp + 2 * pad;
 	for (int i0 = 0; i0 < n; i0 += 65535) {
 		dim3 grid(tiles, MTLZ_MIN(n - i0, 65535), cout / BN);
 		const float *src = FIRST ? in : in + (size_t)i0 * lin_pad * cin;
 		float *dst = out + (size_t)i0 * rows_out * cout;
 		struct first_layer fi = f;
+		struct dx_args di = dx;
 
 		if (FIRST)
 			fi.x = f.x + (size_t)i0 * f.L;
+		if (DX && dx.mask)
+			di.mask = dx.mask + (size_t)i0 * rows_out * cout;
 		if (pool == 1)
-			k_conv_mma<BM, BN, WM, WN, 1, FIRST><<<grid, NT, 0, s>>>(
-				src, lin_pad, cin, w, b, cout, lout, pad, rows_out, dst, fi);
+			k_conv_mma<BM, BN, WM, WN, 1, FIRST, DX><<<grid, NT, 0, s>>>(
+				src, lin_pad, cin, w, b, cout, lout, pad, rows_out, dst, fi, di);
+		else if (DX)
+			; /* a gradient is never pooled here */
 		else if (pool == 2)
-			k_conv_mma<BM, BN, WM, WN, 2, FIRST><<<grid, NT, 0, s>>>(
-				src, lin_pad, cin, w, b, cout, lout, pad, rows_out, dst, fi);
+			k_conv_mma<BM, BN, WM, WN, 2, FIRST, false><<<grid, NT, 0, s>>>(
+				src, lin_pad, cin, w, b, cout, lout, pad, rows_out, dst, fi, di);
 		else
-			k_conv_mma<BM, BN, WM, WN, 3, FIRST><<<grid, NT, 0, s>>>(
-				src, lin_pad, cin, w, b, cout, lout, pad, rows_out, dst, fi);
+			k_conv_mma<BM, BN, WM, WN, 3, FIRST, false><<<grid, NT, 0, s>>>(
+				src, lin_pad, cin, w, b, cout, lout, pad, rows_out, dst, fi, di);
 	}
 }
 
-template <bool FIRST>
+template <bool FIRST, bool DX>
 static void dispatch_mma(const float *in, int n, int lin_pad, int cin, const float *w,
-			 const float *b, int cout, int lout, int pool, int pad, float *out,
-			 struct first_layer f, cudaStream_t s)
+			 const float *b, int cout, int lout, int pool, int pad, int rows_out,
+			 float *out, struct first_layer f, struct dx_args dx, cudaStream_t s)
 {
 	if (cout % 128 == 0)
-		launch_mma<64, 128, 32, 64, FIRST>(in, n, lin_pad, cin, w, b, cout, lout, pool, pad,
-						   out, f, s);
+		launch_mma<64, 128, 32, 64, FIRST, DX>(in, n, lin_pad, cin, w, b, cout, lout, pool,
+						       pad, rows_out, out, f, dx, s);
 	else if (cout % 64 == 0)
-		launch_mma<128, 64, 64, 32, FIRST>(in, n, lin_pad, cin, w, b, cout, lout, pool, pad,
-						   out, f, s);
+		launch_mma<128, 64, 64, 32, FIRST, DX>(in, n, lin_pad, cin, w, b, cout, lout, pool,
+						       pad, rows_out, out, f, dx, s);
 	else if (cout % 32 == 0)
-		launch_mma<128, 32, 32, 32, FIRST>(in, n, lin_pad, cin, w, b, cout, lout, pool, pad,
-						   out, f, s);
+		launch_mma<128, 32, 32, 32, FIRST, DX>(in, n, lin_pad, cin, w, b, cout, lout, pool,
+						       pad, rows_out, out, f, dx, s);
 	else
-		launch_mma<128, 16, 32, 16, FIRST>(in, n, lin_pad, cin, w, b, cout, lout, pool, pad,
-						   out, f, s);
+		launch_mma<128, 16, 32, 16, FIRST, DX>(in, n, lin_pad, cin, w, b, cout, lout, pool,
+						       pad, rows_out, out, f, dx, s);
 }
 
 void mtlz_cu_conv_mma(const float *in, int n, int lin_pad, int cin, const float *w,
@@ -502,8 +547,10 @@ void mtlz_cu_conv_mma(const float *in, int n, int lin_pad, int cin, const float 
 		      cudaStream_t s)
 {
 	struct first_layer f = { NULL, NULL, NULL, 0 };
+	struct dx_args dx = { NULL, 0 };
 
-	dispatch_mma<false>(in, n, lin_pad, cin, w, b, cout, lout, pool, pad, out, f, s);
+	dispatch_mma<false, false>(in, n, lin_pad, cin, w, b, cout, lout, pool, pad, 0, out, f, dx,
+				   s);
 }
 
 void mtlz_cu_conv_mma_first(const float *x, int L, const float *w1, const float *b1, int n,
@@ -511,6 +558,19 @@ void mtlz_cu_conv_mma_first(const float *x, int L, const float *w1, const float 
 			    int lout, int pool, int pad, float *out, cudaStream_t s)
 {
 	struct first_layer f = { x, w1, b1, L };
+	struct dx_args dx = { NULL, 0 };
 
-	dispatch_mma<true>(NULL, n, lin_pad, cin, w, b, cout, lout, pool, pad, out, f, s);
+	dispatch_mma<true, false>(NULL, n, lin_pad, cin, w, b, cout, lout, pool, pad, 0, out, f,
+				  dx, s);
+}
+
+void mtlz_cu_conv_mma_dx(const float *dy, int n, int rows, int cin, const float *wf, int cout,
+			 int n_out, int shift, int pad, const float *mask, float *dx,
+			 cudaStream_t s)
+{
+	struct first_layer f = { NULL, NULL, NULL, 0 };
+	struct dx_args d = { mask, shift };
+
+	dispatch_mma<false, true>(dy, n, rows, cin, wf, NULL, cout, n_out, 1, pad, rows, dx, f, d,
+				  s);
 }

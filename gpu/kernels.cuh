@@ -51,6 +51,16 @@ void mtlz_cu_conv_mma(const float *in, int n, int lin_pad, int cin, const float 
 void mtlz_cu_conv_mma_first(const float *x, int L, const float *w1, const float *b1, int n,
 			    int lin_pad, int cin, const float *w, const float *b, int cout,
 			    int lout, int pool, int pad, float *out, cudaStream_t s);
+/* The input gradient of a training convolution as a transposed one on the
+ * same tensor cores: dx[i][t][c] = [mask[i][pad + t][c] > 0] *
+ * sum_j sum_co dy[i][t + j - shift][co] wf[j][co][c] for t < n_out, zero
+ * for n_out <= t < rows; dy rows outside [0, rows) read as zero. dy and dx
+ * have `rows` rows per spectrum; cin = the layer's cout, cout = its cin;
+ * wf[j][co][ci] = W[co][ci][k - 1 - j]; shift = k - 1 - pad; mask may be
+ * NULL. */
+void mtlz_cu_conv_mma_dx(const float *dy, int n, int rows, int cin, const float *wf, int cout,
+			 int n_out, int shift, int pad, const float *mask, float *dx,
+			 cudaStream_t s);
 /* Global average pool of act[n][L + 2 pad][C] over the L inner rows. */
 void mtlz_cu_gap(const float *act, int n, int L, int C, int pad, float *g, cudaStream_t s);
 /* Squeeze-and-excitation on the pooled vector: feat = g * sigmoid(W2 relu(W1 g + b1) + b2)

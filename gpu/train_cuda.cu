@@ -51,9 +51,11 @@ struct tconv {
 	float *wc;   /* [cin][k*cout] forward */
 	float *wt;   /* [cout][k*cin] backward */
 	float *wd;   /* [k][cin][cout] the direct kernel's */
+	float *wf;   /* [k][cout][cin], taps flipped: the transposed (dX) kernel's */
 	int fwd;     /* forward: 0 GEMM + epilogue, 1 direct kernel (conv_direct.cu),
 		      * 2 its TF32 tensor-core version (tf32 only) */
 	int dw;      /* dW: 0 one GEMM per tap, 1/2 k_dw_narrow with ~2048/~256 rows a block */
+	int dx;      /* dX: 0 GEMM + k_gather, 1 TF32 tensor-core transposed conv (tf32 only) */
 };
 
 struct thead {
@@ -97,9 +99,11 @@ struct mtlz_cuda_trainer {
 
 /* ---------------------------------------------------------------- kernels */
 
-/* wc[ci][j*cout + co] = wt[co][j*cin + ci] = wd[j][ci][co] = W[co][ci][j] */
+/* wc[ci][j*cout + co] = wt[co][j*cin + ci] = wd[j][ci][co] =
+ * wf[k-1-j][co][ci] = W[co][ci][j] */
 __global__ void k_repack(const float *__restrict__ W, int cin, int cout, int k,
-			 float *__restrict__ wc, float *__restrict__ wt, float *__restrict__ wd)
+			 float *__restrict__ wc, float *__restrict__ wt, float *__restrict__ wd,
+			 float *__restrict__ wf)
 {
 	const int idx = blockIdx.x * blockDim.x + threadIdx.x;
 
@@ -111,6 +115,7 @@ __global__ void k_repack(const float *__restrict__ W, int cin, int cout, int k,
 	wc[(size_t)ci * k * cout + j * cout + co] = v;
 	wt[(size_t)co * k * cin + j * cin + ci] = v;
 	wd[((size_t)j * cin + ci) * cout + co] = v;
+	wf[((size_t)(k - 1 - j) * cout + co) * cin + ci] = v;
 }
 
 /* X0[b][pad + t] = x[b][t], zero padding rows (one channel) */
@@ -413,6 +418,7 @@ static int alloc_all(struct mtlz_cuda_trainer *t, char *errstr, size_t errstr_si
 			DALLOC(cv->wc, (size_t)cv->cin * k * cv->cout);
 			DALLOC(cv->wt, (size_t)cv->cin * k * cv->cout);
 			DALLOC(cv->wd, (size_t)cv->cin * k * cv->cout);
+			DALLOC(cv->wf, (size_t)cv->cin * k * cv->cout);
 		}
 	}
 	DALLOC(t->X[t->nb], (size_t)B * (t->len[t->nb] + 2 * t->pad) * t->C);
@@ -483,6 +489,7 @@ extern "C" void mtlz_cuda_trainer_free(struct mtlz_cuda_trainer *t)
 		cudaFree(t->conv[i].wc);
 		cudaFree(t->conv[i].wt);
 		cudaFree(t->conv[i].wd);
+		cudaFree(t->conv[i].wf);
 	}
 	cudaFree(t->z); cudaFree(t->dA); cudaFree(t->dB); cudaFree(t->tmpw); cudaFree(t->ones);
 	cudaFree(t->dwpart);
@@ -721,6 +728,27 @@ static int conv_fwd(struct mtlz_cuda_trainer *t, const struct tconv *cv, const f
 	return MTLZ_OK;
 }
 
+/* dX of a convolution (see conv_bwd) */
+static int conv_dx(struct mtlz_cuda_trainer *t, const struct tconv *cv, const float *dY,
+		   int rows, float *dX, int n_out, const float *mask, char *errstr,
+		   size_t errstr_size)
+{
+	const int k = t->k;
+
+	if (cv->dx) {
+		mtlz_cu_conv_mma_dx(dY, t->B, rows, cv->cout, cv->wf, cv->cin, n_out, k - 1 - t->pad,
+				    t->pad, mask, dX, t->st);
+		LAUNCH_TRY("conv_mma_dx");
+		return MTLZ_OK;
+	}
+	BLAS_TRY(cublasSgemm(t->blas, CUBLAS_OP_N, CUBLAS_OP_N, k * cv->cin, t->B * rows, cv->cout,
+			     &one, cv->wt, k * cv->cin, dY, cv->cout, &zero, t->z, k * cv->cin));
+	k_gather<<<GRID((size_t)t->B * rows * cv->cin)>>>(t->z, t->B, rows, k, cv->cin, t->pad,
+							   n_out, mask, rows, dX);
+	LAUNCH_TRY("gather");
+	return MTLZ_OK;
+}
+
 /* conv backward: X [B][rows][cin] padded input, dY [B][rows][cout] (dy
  * layout): dW, db; when dX: P = dY W_t, then dX[b][t] (t < n_out, dy layout
  * of `rows` rows) gathered, masked by mask (padded like X) when not NULL */
@@ -730,6 +758,7 @@ static int conv_bwd(struct mtlz_cuda_trainer *t, const struct tconv *cv, const f
 {
 	const int k = t->k, M = t->B * rows - (k - 1);
 	const size_t nw = (size_t)cv->cout * cv->cin;
+	int rc;
 
 	PROF(cv, 2);
 	if (cv->dw) {
@@ -765,13 +794,9 @@ static int conv_bwd(struct mtlz_cuda_trainer *t, const struct tconv *cv, const f
 		PROF(cv, 4);
 		return MTLZ_OK;
 	}
-	BLAS_TRY(cublasSgemm(t->blas, CUBLAS_OP_N, CUBLAS_OP_N, k * cv->cin, t->B * rows, cv->cout,
-			     &one, cv->wt, k * cv->cin, dY, cv->cout, &zero, t->z, k * cv->cin));
-	k_gather<<<GRID((size_t)t->B * rows * cv->cin)>>>(t->z, t->B, rows, k, cv->cin, t->pad,
-							   n_out, mask, rows, dX);
-	LAUNCH_TRY("gather");
+	rc = conv_dx(t, cv, dY, rows, dX, n_out, mask, errstr, errstr_size);
 	PROF(cv, 4);
-	return MTLZ_OK;
+	return rc;
 }
 
 /* mean milliseconds of 3 runs of op() after one */
@@ -798,13 +823,18 @@ static int time_op(struct mtlz_cuda_trainer *t, cudaEvent_t e[2], F op, float *m
  * kept: which wins depends on the layer's length and width, the batch and
  * the precision (the direct kernels are fp32 FMA only). The buffers' values
  * do not matter to the timing. Under tf32 the forward also has the direct
- * kernel's tensor-core version. MTLZ_CUDA_TRAIN_CONV=gemm|direct|mma and
+ * kernel's tensor-core version and dX (GEMM + gather) a transposed
+ * convolution on the same kernel. MTLZ_CUDA_DX=gemm|mma,
+ * MTLZ_CUDA_TRAIN_CONV=gemm|direct|mma and
  * MTLZ_CUDA_DW=gemm|narrow|narrow2048 force a path where it applies.
  */
 static int autotune(struct mtlz_cuda_trainer *t, char *errstr, size_t errstr_size)
 {
 	const char *fe = getenv("MTLZ_CUDA_TRAIN_CONV"), *de = getenv("MTLZ_CUDA_DW");
-	char fs[NL + 1] = "", ds[NL + 1] = "";
+	const char *xe = getenv("MTLZ_CUDA_DX");
+	/* 1 mma, 0 gemm, -1 timed (unset or unknown) */
+	const int xforce = !xe ? -1 : !strcmp(xe, "mma") ? 1 : !strcmp(xe, "gemm") ? 0 : -1;
+	char fs[NL + 1] = "", ds[NL + 1] = "", xs[NL + 1] = "";
 	cudaEvent_t e[2] = { 0, 0 };
 	int rc = MTLZ_OK;
 
@@ -871,12 +901,29 @@ static int autotune(struct mtlz_cuda_trainer *t, char *errstr, size_t errstr_siz
 			}
 		}
 		cv->dw = dcand[0];
+		/* dX (the first convolution's is never needed: '-') */
+		cv->dx = 0;
+		if (i > 0 && t->tf32 && t->cc_major >= 8 &&
+		    mtlz_cu_conv_mma_ok(cv->cout, cv->cin, t->k, 1) && xforce != 0) {
+			float tm[2] = { 0, 1 };
+
+			for (int c = 0; c < 2 && xforce < 0 && rc == MTLZ_OK; c++) {
+				cv->dx = c;
+				rc = time_op(t, e, [&] { return conv_dx(t, cv, t->dA, rows, t->dB,
+									second ? t->l1[b] : t->len[b],
+									second ? X : NULL, errstr,
+									errstr_size); }, &tm[c], errstr,
+					     errstr_size);
+			}
+			cv->dx = xforce > 0 || tm[1] < tm[0];
+		}
 		fs[i] = cv->cin == 1 ? 'f' : "gdt"[cv->fwd];
 		ds[i] = "gNn"[cv->dw];
+		xs[i] = i == 0 ? '-' : "gt"[cv->dx];
 	}
-	fs[2 * t->nb] = ds[2 * t->nb] = '\0';
-	snprintf(t->desc, sizeof(t->desc), "%s %s fwd=%s dW=%s", t->dev_desc,
-		 t->tf32 ? "tf32" : "fp32", fs, ds);
+	fs[2 * t->nb] = ds[2 * t->nb] = xs[2 * t->nb] = '\0';
+	snprintf(t->desc, sizeof(t->desc), "%s %s fwd=%s dW=%s dX=%s", t->dev_desc,
+		 t->tf32 ? "tf32" : "fp32", fs, ds, xs);
 out:
 	if (e[0])
 		cudaEventDestroy(e[0]);
@@ -930,7 +977,7 @@ static int step(struct mtlz_cuda_trainer *t, const float *params, const mtlz_bat
 			const struct tconv *cv = &t->conv[i];
 
 			k_repack<<<GRID(cv->cout * cv->cin * t->k)>>>(t->p + cv->ow, cv->cin, cv->cout,
-								       t->k, cv->wc, cv->wt, cv->wd);
+								       t->k, cv->wc, cv->wt, cv->wd, cv->wf);
 		}
 		LAUNCH_TRY("repack");
 		CU_TRY(cudaMemcpyAsync(t->x, bt->x, (size_t)B * t->L * sizeof(float),

@@ -887,8 +887,9 @@ Test(cuda, device_adam_train_steps_match_cpu, .timeout = 300)
 }
 
 /* TF32 training: the gradient within TF32's rounding of the fp32 one, with
- * the TF32 trainer's forward on cuBLAS (fwd = "gemm") or on the
- * tensor-core direct kernel (fwd = "mma") */
+ * the TF32 trainer's forward and input gradients on cuBLAS (fwd = "gemm")
+ * or on the tensor-core direct kernel and its transposed version (fwd =
+ * "mma"). A wrong index or a missed mask would be an O(1) error. */
 static void tf32_gradient(const char *fwd)
 {
 	const int n = 6;
@@ -914,15 +915,20 @@ static void tf32_gradient(const char *fwd)
 	t[1] = mtlz_trainer_new_kind(m, n, 2, "cuda", err, sizeof(err));
 	cr_assert(t[0] && t[1], "%s", err);
 	setenv("MTLZ_CUDA_TRAIN_CONV", fwd, 1);
+	setenv("MTLZ_CUDA_DX", fwd, 1);
 	cr_assert_eq(mtlz_trainer_set_precision(t[1], "tf32", err, sizeof(err)), MTLZ_OK, "%s",
 		     err);
 	unsetenv("MTLZ_CUDA_TRAIN_CONV");
+	unsetenv("MTLZ_CUDA_DX");
 	unsetenv("MTLZ_CUDA_DW");
 	cr_log_info("%s", mtlz_trainer_describe(t[1]));
 	cr_assert(strstr(mtlz_trainer_describe(t[1]), "tf32"), "%s", mtlz_trainer_describe(t[1]));
 	/* f (first layer), then every layer on the path asked for */
 	cr_assert(strstr(mtlz_trainer_describe(t[1]),
 			 strcmp(fwd, "mma") ? "fwd=fggggggggg" : "fwd=fttttttttt"), "%s",
+		  mtlz_trainer_describe(t[1]));
+	cr_assert(strstr(mtlz_trainer_describe(t[1]),
+			 strcmp(fwd, "mma") ? "dX=-ggggggggg" : "dX=-ttttttttt"), "%s",
 		  mtlz_trainer_describe(t[1]));
 	np = mtlz_trainer_n_params(t[0]);
 	x = malloc((size_t)n * L * sizeof(float));
@@ -943,8 +949,10 @@ static void tf32_gradient(const char *fwd)
 		const double e = tensor_rel(g[1], g[0], np);
 
 		cr_log_info("tf32 trainer: gradient rel diff from fp32 %.2e", e);
-		/* TF32 keeps 10 mantissa bits: ~1e-3 per product, less summed */
-		cr_assert_leq(e, 2e-2, "tf32 gradient off by %g", e);
+		/* TF32 keeps 10 mantissa bits: ~1e-3 per product, and ReLU masks
+		 * and pooling winners that flip on it (1.9e-2 measured on an
+		 * H200 in both variants, bench/results run 9) */
+		cr_assert_leq(e, 3e-2, "tf32 gradient off by %g", e);
 		cr_assert_gt(e, 0.0, "tf32 gave the fp32 gradient bit for bit: not in use?");
 	}
 	for (int k = 0; k < 2; k++) {
