@@ -54,7 +54,8 @@ struct tconv {
 	float *wf;   /* [k][cout][cin], taps flipped: the transposed (dX) kernel's */
 	int fwd;     /* forward: 0 GEMM + epilogue, 1 direct kernel (conv_direct.cu),
 		      * 2 its TF32 tensor-core version (tf32 only) */
-	int dw;      /* dW: 0 one GEMM per tap, 1/2 k_dw_narrow with ~2048/~256 rows a block */
+	int dw;      /* dW: 0 one GEMM per tap, 1/2 k_dw_narrow with ~2048/~256 rows a block,
+		      * 3 k_dw_mma (tf32 only) */
 	int dx;      /* dX: 0 GEMM + k_gather, 1 TF32 tensor-core transposed conv (tf32 only) */
 };
 
@@ -98,6 +99,19 @@ struct mtlz_cuda_trainer {
 };
 
 /* ---------------------------------------------------------------- kernels */
+
+/* x rounded to TF32 (round to nearest), as the mma operand's bits */
+__device__ __forceinline__ uint32_t to_tf32_bits(float x)
+{
+	uint32_t r;
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+	asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+#else
+	r = __float_as_uint(x);
+#endif
+	return r;
+}
 
 /* wc[ci][j*cout + co] = wt[co][j*cin + ci] = wd[j][ci][co] =
  * wf[k-1-j][co][ci] = W[co][ci][j] */
@@ -287,6 +301,92 @@ __global__ void k_dw_reduce(const float *__restrict__ part, int nblk, int k, int
 
 #define DW_MAX_BLOCKS 1024
 #define DW_THREADS 256
+
+/*
+ * dW on TF32 tensor cores (tf32 only, k = 3, 16 | cout, 16 | cin): the same
+ * partial sums as k_dw_narrow, part[blk][j][co][ci] = sum over the block's
+ * rows s of dY[s][co] X[s+j][ci], as mma.sync m16n8k8 with M = 16 output
+ * channels, N = 16 input channels (two n8 tiles) and K = 8 rows per step.
+ * Fragments are read straight from global memory (a warp's load covers 4
+ * rows x 32 bytes; a row of X serves the three taps from registers). A
+ * block (8 warps) owns R rows and one 16 x 16 tile (grid.y); each warp
+ * takes every 8th group of 8 rows, and the warps' sums are added in shared
+ * memory in a fixed order, then k_dw_reduce adds the blocks in a fixed
+ * order: deterministic.
+ */
+#define DWM_WARPS 8
+__global__ void __launch_bounds__(DWM_WARPS * 32)
+k_dw_mma(const float *__restrict__ X, const float *__restrict__ dY, long M, int cin, int cout,
+	 long R, float *__restrict__ part)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+	__shared__ float red[DWM_WARPS][3][16][17];
+	const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
+	const int tiles_ci = cin / 16, co0 = (blockIdx.y / tiles_ci) * 16,
+		  ci0 = (blockIdx.y % tiles_ci) * 16;
+	const long r0 = (long)blockIdx.x * R, r1 = min(r0 + R, M), xrows = M + 2;
+	float acc[3][2][4];
+
+#pragma unroll
+	for (int j = 0; j < 3; j++)
+#pragma unroll
+		for (int nf = 0; nf < 2; nf++)
+#pragma unroll
+			for (int q = 0; q < 4; q++)
+				acc[j][nf][q] = 0.0f;
+	for (long s0 = r0 + warp * 8; s0 < r1; s0 += DWM_WARPS * 8) {
+		uint32_t a[4], xr[7][2];
+		const long sa = s0 + t4, sb = s0 + t4 + 4;
+
+		a[0] = to_tf32_bits(sa < r1 ? dY[sa * cout + co0 + g] : 0.0f);
+		a[1] = to_tf32_bits(sa < r1 ? dY[sa * cout + co0 + g + 8] : 0.0f);
+		a[2] = to_tf32_bits(sb < r1 ? dY[sb * cout + co0 + g] : 0.0f);
+		a[3] = to_tf32_bits(sb < r1 ? dY[sb * cout + co0 + g + 8] : 0.0f);
+#pragma unroll
+		for (int u = 0; u < 7; u++) {
+			const long r = s0 + t4 + u;
+
+#pragma unroll
+			for (int nf = 0; nf < 2; nf++)
+				xr[u][nf] = to_tf32_bits(r < xrows ? X[r * cin + ci0 + nf * 8 + g] : 0.0f);
+		}
+#pragma unroll
+		for (int j = 0; j < 3; j++)
+#pragma unroll
+			for (int nf = 0; nf < 2; nf++)
+				asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+					     "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+					     : "+f"(acc[j][nf][0]), "+f"(acc[j][nf][1]),
+					       "+f"(acc[j][nf][2]), "+f"(acc[j][nf][3])
+					     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]),
+					       "r"(xr[j][nf]), "r"(xr[j + 4][nf]));
+	}
+	/* C fragment: rows (co) g, g + 8; columns (ci) 2 t4, 2 t4 + 1 */
+#pragma unroll
+	for (int j = 0; j < 3; j++)
+#pragma unroll
+		for (int nf = 0; nf < 2; nf++) {
+			const int c = nf * 8 + 2 * t4;
+
+			red[warp][j][g][c] = acc[j][nf][0];
+			red[warp][j][g][c + 1] = acc[j][nf][1];
+			red[warp][j][g + 8][c] = acc[j][nf][2];
+			red[warp][j][g + 8][c + 1] = acc[j][nf][3];
+		}
+	__syncthreads();
+	for (int o = threadIdx.x; o < 3 * 256; o += blockDim.x) {
+		const int j = o / 256, m = (o / 16) % 16, c = o % 16;
+		float v = 0.0f;
+
+		for (int w = 0; w < DWM_WARPS; w++)
+			v += red[w][j][m][c];
+		part[(size_t)blockIdx.x * 3 * cout * cin + ((size_t)j * cout + co0 + m) * cin + ci0 + c] =
+			v;
+	}
+#else
+	__trap();
+#endif
+}
 
 /* grad[ow + (co*cin + ci)*k + j] = T[j][co][ci] */
 __global__ void k_scatter_dw(const float *__restrict__ T, int cin, int cout, int k,
@@ -699,6 +799,12 @@ static int dw_narrow_fits(const struct mtlz_cuda_trainer *t, const struct tconv 
 	return cv->cin % 4 == 0 && cv->cout * cv->cin <= 1024 && (t->k == 3 || t->k == 5);
 }
 
+/* k_dw_mma's shapes (tf32 on sm_80+): 3 taps, 16 | cin, 16 | cout */
+static int dw_mma_fits(const struct mtlz_cuda_trainer *t, const struct tconv *cv)
+{
+	return t->tf32 && t->cc_major >= 8 && t->k == 3 && cv->cin % 16 == 0 && cv->cout % 16 == 0;
+}
+
 #define PROF(cv, j)                                                            \
 	do {                                                                   \
 		if (t->profile)                                                \
@@ -761,7 +867,21 @@ static int conv_bwd(struct mtlz_cuda_trainer *t, const struct tconv *cv, const f
 	int rc;
 
 	PROF(cv, 2);
-	if (cv->dw) {
+	if (cv->dw == 3) {
+		/* ~2048 rows a block, fewer blocks where the partial sums of a
+		 * wide layer would not fit dwpart (DW_MAX_BLOCKS x k x 1024) */
+		const long cap = MTLZ_MAX(1L, (long)DW_MAX_BLOCKS * 1024 / (long)nw);
+		const long want = MTLZ_MIN(cap, MTLZ_MAX(1L, (long)M / 2048));
+		const long R = ((((long)M + want - 1) / want) + 63) / 64 * 64;
+		const int nblk = (int)(((long)M + R - 1) / R);
+		dim3 grid(nblk, (cv->cout / 16) * (cv->cin / 16));
+
+		k_dw_mma<<<grid, DWM_WARPS * 32, 0, t->st>>>(X, dY, M, cv->cin, cv->cout, R,
+							       t->dwpart);
+		LAUNCH_TRY("dw_mma");
+		k_dw_reduce<<<GRID(nw * k)>>>(t->dwpart, nblk, k, cv->cout, cv->cin, t->g + cv->ow);
+		LAUNCH_TRY("dw_reduce");
+	} else if (cv->dw) {
 		const int set = cv->cout * (cv->cin / 4), threads = DW_THREADS / set * set;
 		const long want = MTLZ_MIN((long)DW_MAX_BLOCKS,
 					   MTLZ_MAX(1L, (long)M / (cv->dw == 1 ? 2048 : 256)));
@@ -826,7 +946,7 @@ static int time_op(struct mtlz_cuda_trainer *t, cudaEvent_t e[2], F op, float *m
  * kernel's tensor-core version and dX (GEMM + gather) a transposed
  * convolution on the same kernel. MTLZ_CUDA_DX=gemm|mma,
  * MTLZ_CUDA_TRAIN_CONV=gemm|direct|mma and
- * MTLZ_CUDA_DW=gemm|narrow|narrow2048 force a path where it applies.
+ * MTLZ_CUDA_DW=gemm|narrow|narrow2048|mma force a path where it applies.
  */
 static int autotune(struct mtlz_cuda_trainer *t, char *errstr, size_t errstr_size)
 {
@@ -881,14 +1001,23 @@ static int autotune(struct mtlz_cuda_trainer *t, char *errstr, size_t errstr_siz
 			}
 		}
 		cv->fwd = nf ? fcand[0] : 0;
-		if (!de || !dw_narrow_fits(t, cv) || !strcmp(de, "gemm"))
+		if (!de) {   /* every path that takes the shape, timed */
 			dcand[nd++] = 0;
-		if (dw_narrow_fits(t, cv) && (!de || !strcmp(de, "narrow2048")))
+			if (dw_narrow_fits(t, cv)) {
+				dcand[nd++] = 1;
+				dcand[nd++] = 2;
+			}
+			if (dw_mma_fits(t, cv))
+				dcand[nd++] = 3;
+		} else if (dw_narrow_fits(t, cv) && !strcmp(de, "narrow2048")) {
 			dcand[nd++] = 1;
-		if (dw_narrow_fits(t, cv) && (!de || !strcmp(de, "narrow")))
+		} else if (dw_narrow_fits(t, cv) && !strcmp(de, "narrow")) {
 			dcand[nd++] = 2;
-		if (nd == 0)   /* MTLZ_CUDA_DW names no path that exists: the GEMMs */
+		} else if (dw_mma_fits(t, cv) && !strcmp(de, "mma")) {
+			dcand[nd++] = 3;
+		} else {     /* gemm, or a path that does not exist here */
 			dcand[nd++] = 0;
+		}
 		best = INFINITY;
 		for (int c = 0; nd > 1 && c < nd && rc == MTLZ_OK; c++) {
 			cv->dw = dcand[c];
@@ -918,7 +1047,7 @@ static int autotune(struct mtlz_cuda_trainer *t, char *errstr, size_t errstr_siz
 			cv->dx = xforce > 0 || tm[1] < tm[0];
 		}
 		fs[i] = cv->cin == 1 ? 'f' : "gdt"[cv->fwd];
-		ds[i] = "gNn"[cv->dw];
+		ds[i] = "gNnt"[cv->dw];
 		xs[i] = i == 0 ? '-' : "gt"[cv->dx];
 	}
 	fs[2 * t->nb] = ds[2 * t->nb] = xs[2 * t->nb] = '\0';

@@ -887,9 +887,10 @@ Test(cuda, device_adam_train_steps_match_cpu, .timeout = 300)
 }
 
 /* TF32 training: the gradient within TF32's rounding of the fp32 one, with
- * the TF32 trainer's forward and input gradients on cuBLAS (fwd = "gemm")
- * or on the tensor-core direct kernel and its transposed version (fwd =
- * "mma"). A wrong index or a missed mask would be an O(1) error. */
+ * the TF32 trainer's forward, input and weight gradients on cuBLAS (fwd =
+ * "gemm") or on the tensor-core kernels: the direct convolution, its
+ * transposed version and k_dw_mma (fwd = "mma"). A wrong index or a missed
+ * mask would be an O(1) error. */
 static void tf32_gradient(const char *fwd)
 {
 	const int n = 6;
@@ -916,6 +917,7 @@ static void tf32_gradient(const char *fwd)
 	cr_assert(t[0] && t[1], "%s", err);
 	setenv("MTLZ_CUDA_TRAIN_CONV", fwd, 1);
 	setenv("MTLZ_CUDA_DX", fwd, 1);
+	setenv("MTLZ_CUDA_DW", fwd, 1);
 	cr_assert_eq(mtlz_trainer_set_precision(t[1], "tf32", err, sizeof(err)), MTLZ_OK, "%s",
 		     err);
 	unsetenv("MTLZ_CUDA_TRAIN_CONV");
@@ -929,6 +931,9 @@ static void tf32_gradient(const char *fwd)
 		  mtlz_trainer_describe(t[1]));
 	cr_assert(strstr(mtlz_trainer_describe(t[1]),
 			 strcmp(fwd, "mma") ? "dX=-ggggggggg" : "dX=-ttttttttt"), "%s",
+		  mtlz_trainer_describe(t[1]));
+	cr_assert(strstr(mtlz_trainer_describe(t[1]),
+			 strcmp(fwd, "mma") ? "dW=gggggggggg" : "dW=gttttttttt"), "%s",
 		  mtlz_trainer_describe(t[1]));
 	np = mtlz_trainer_n_params(t[0]);
 	x = malloc((size_t)n * L * sizeof(float));
@@ -954,6 +959,17 @@ static void tf32_gradient(const char *fwd)
 		 * H200 in both variants, bench/results run 9) */
 		cr_assert_leq(e, 3e-2, "tf32 gradient off by %g", e);
 		cr_assert_gt(e, 0.0, "tf32 gave the fp32 gradient bit for bit: not in use?");
+	}
+	/* each tensor on its own: a small layer's wrong dW would hide in the
+	 * total's norm */
+	for (size_t i = 0; i < mtlz_model_n_tensors(m); i++) {
+		const mtlz_tensor *tn = mtlz_model_tensor(m, i);
+		size_t cnt;
+		const long off = mtlz_trainer_param_offset(t[0], tn->name, &cnt);
+		const double e = tensor_rel(g[1] + off, g[0] + off, cnt);
+
+		cr_log_info("tf32 (%s) %s: rel diff %.2e", fwd, tn->name, e);
+		cr_assert_leq(e, 0.2, "%s: tf32 gradient off by %g", tn->name, e);
 	}
 	for (int k = 0; k < 2; k++) {
 		mtlz_trainer_free(t[k]);
