@@ -93,6 +93,7 @@ static const char *const engine_kinds[] = { "cpu", "cuda", "auto", NULL };
 static const char *const precisions[] = { "fp32", "tf32", NULL };
 static const char *const guarantees[] = { "at_least_once", "exactly_once", NULL };
 static const char *const log_levels[] = { "debug", "info", "warn", "error", NULL };
+static const char *const log_timestamps[] = { "auto", "on", "off", NULL };
 
 static int check_mask_bits(const char *value, char *errstr, size_t errstr_size)
 {
@@ -169,6 +170,8 @@ static const conf_setting settings[] = {
 
 	ENUM_CONF("log.level", log_level, "info", log_levels,
 		"lowest level logged"),
+	ENUM_CONF("log.timestamps", log_timestamps, "auto", log_timestamps,
+		"ts= (UTC) at the head of each line; auto = unless journald stamps them"),
 	INT_CONF("status.interval_ms", status_interval_ms, 10000, 100, 3600000,
 		"period of the status/rates log line and systemd status, ms"),
 };

@@ -70,6 +70,7 @@ typedef struct mtlz_conf {
 	char *delivery_transactional_id;
 
 	char *log_level;            /* "info" */
+	char *log_timestamps;       /* "auto" | "on" | "off" */
 	int status_interval_ms;     /* 10000 */
 } mtlz_conf;
 

@@ -6,8 +6,10 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 int mtlz_log_level = MTLZ_LOG_INFO;
+int mtlz_log_timestamps;
 
 static const char *const level_names[] = { "debug", "info", "warn", "error" };
 
@@ -27,7 +29,17 @@ void mtlz_log_raw(int level, const char *fmt, ...)
 
 	if (level < 0 || level > 3)
 		level = MTLZ_LOG_ERROR;
-	n = snprintf(line, sizeof(line), "level=%s ", level_names[level]);
+	n = 0;
+	if (mtlz_log_timestamps) {
+		struct timespec ts;
+		struct tm tm;
+
+		clock_gettime(CLOCK_REALTIME, &ts);
+		gmtime_r(&ts.tv_sec, &tm);
+		n = (int)strftime(line, sizeof(line), "ts=%Y-%m-%dT%H:%M:%S", &tm);
+		n += snprintf(line + n, sizeof(line) - (size_t)n, ".%03ldZ ", ts.tv_nsec / 1000000);
+	}
+	n += snprintf(line + n, sizeof(line) - (size_t)n, "level=%s ", level_names[level]);
 	va_start(ap, fmt);
 	vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);
 	va_end(ap);

@@ -17,6 +17,9 @@ enum mtlz_log_level {
 };
 
 extern int mtlz_log_level;
+/* Nonzero: every line starts with ts=<UTC ISO 8601, milliseconds>. Off by
+ * default (the tools' lines); mtlzd turns it on (log.timestamps). */
+extern int mtlz_log_timestamps;
 
 /* Parses "debug", "info", "warn" or "error"; returns -1 if unknown. */
 int mtlz_log_level_parse(const char *s);

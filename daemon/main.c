@@ -104,6 +104,10 @@ int main(int argc, char **argv)
 	lvl = mtlz_log_level_parse(conf.log_level);
 	if (lvl >= 0)
 		mtlz_log_level = lvl;
+	/* journald stamps each line itself; it sets JOURNAL_STREAM for the
+	 * service's stderr */
+	mtlz_log_timestamps = !strcmp(conf.log_timestamps, "on") ||
+			      (!strcmp(conf.log_timestamps, "auto") && !getenv("JOURNAL_STREAM"));
 	if (strcmp(model_from, "model.path"))
 		mtlz_log(MTLZ_LOG_INFO, "event=default_model path=%s from=\"%s\"",
 			 conf.model_path, model_from);

@@ -806,6 +806,25 @@ int mtlzd_check_kafka(const mtlz_conf *c, char *errstr, size_t errstr_size)
 	return MTLZ_OK;
 }
 
+/* librdkafka's own log lines (its threads) as our logfmt lines, with our
+ * timestamps. Not filtered by log.level: librdkafka filters by its own
+ * log_level and emits debug lines only where kafka.*.debug asks for them. */
+static void on_rdkafka_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
+{
+	char msg[768];
+	size_t n = 0;
+
+	for (const char *p = buf; *p && n < sizeof(msg) - 2; p++) {
+		if (*p == '"' || *p == '\\')
+			msg[n++] = '\\';
+		msg[n++] = *p == '\n' ? ' ' : *p;
+	}
+	msg[n] = '\0';
+	mtlz_log_raw(level <= 3 ? MTLZ_LOG_ERROR : level == 4 ? MTLZ_LOG_WARN :
+		     level <= 6 ? MTLZ_LOG_INFO : MTLZ_LOG_DEBUG,
+		     "event=rdkafka client=%s fac=%s msg=\"%s\"", rd_kafka_name(rk), fac, msg);
+}
+
 static rd_kafka_t *make_client(struct mtlzd *d, rd_kafka_type_t type, char *errstr,
 			       size_t errstr_size)
 {
@@ -833,6 +852,7 @@ static rd_kafka_t *make_client(struct mtlzd *d, rd_kafka_type_t type, char *errs
 	if (set_kv(kc, "bootstrap.servers", c->kafka_brokers, errstr, errstr_size) ||
 	    set_kv(kc, "client.id", "mtlzd", errstr, errstr_size))
 		goto out_conf;
+	rd_kafka_conf_set_log_cb(kc, on_rdkafka_log);
 	if (type == RD_KAFKA_CONSUMER) {
 		if (set_kv(kc, "group.id", c->kafka_group_id, errstr, errstr_size))
 			goto out_conf;

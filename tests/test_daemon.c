@@ -212,6 +212,36 @@ static int count_in_log(const char *name, const char *what, const char *unless,
 	return n;
 }
 
+/* Log lines of <dir>/<name>.log (those with "level="), and how many of
+ * them start with a ts= field that parses as UTC within 10 minutes of now
+ * (log.timestamps). */
+static void stamped_lines(const char *name, int *total, int *stamped)
+{
+	char path[320], line[1024];
+	const time_t now = time(NULL);
+	FILE *f;
+
+	*total = *stamped = 0;
+	snprintf(path, sizeof(path), "%s/%s.log", dir, name);
+	f = fopen(path, "r");
+	while (f && fgets(line, sizeof(line), f)) {
+		struct tm tm;
+		const char *end;
+		int ms;
+
+		if (!strstr(line, "level="))
+			continue;
+		(*total)++;
+		memset(&tm, 0, sizeof(tm));
+		if (strncmp(line, "ts=", 3) || !(end = strptime(line + 3, "%Y-%m-%dT%H:%M:%S", &tm)) ||
+		    sscanf(end, ".%3dZ level=", &ms) != 1 || ms < 0 || ms > 999)
+			continue;
+		*stamped += labs((long)(timegm(&tm) - now)) < 600;
+	}
+	if (f)
+		fclose(f);
+}
+
 /* Starts mtlzd with the test configuration and up to 4 --set overrides. */
 static pid_t start_daemon_v(const char *name, char *const extra_env[],
 			    const char *const sets[])
@@ -291,15 +321,20 @@ static int read_results(int want, int idle, int *distinct)
 
 Test(daemon, n_spectra_in_exactly_n_results_out)
 {
-	pid_t d = start_daemon("mtlzd", NULL, NULL);
-	int distinct, n;
+	pid_t d;
+	int distinct, n, total, stamped;
 
+	unsetenv("JOURNAL_STREAM");   /* not the journal: log.timestamps auto = on */
+	d = start_daemon("mtlzd", NULL, NULL);
 	replay(40, "single_object");
 	n = read_results(41, 8, &distinct);
 	cr_assert_eq(n, 40, "results: %d (see %s)", n, dir);
 	cr_assert_eq(distinct, 40);
 	kill(d, SIGTERM);
 	cr_assert_eq(wait_exit(d, 60), 0, "clean stop exits 0");
+	stamped_lines("mtlzd", &total, &stamped);
+	cr_assert_gt(total, 3, "see %s", dir);
+	cr_assert_eq(stamped, total, "every line starts with ts=<now, UTC> (see %s)", dir);
 }
 
 Test(daemon, every_input_framing_is_read)
@@ -546,14 +581,16 @@ Test(daemon, kill_9_mid_stream_then_restart_loses_nothing)
 Test(daemon, systemd_notifications_on_our_socket)
 {
 	struct sockaddr_un addr = { .sun_family = AF_UNIX };
-	char env[160], buf[512], all[8192] = "";
-	int fd = socket(AF_UNIX, SOCK_DGRAM, 0);
-	char *extra[] = { env, NULL };
+	char env[160], buf[512], all[8192] = "", journal[] = "JOURNAL_STREAM=8:12345";
+	int fd = socket(AF_UNIX, SOCK_DGRAM, 0), total, stamped;
+	char *extra[] = { env, NULL, NULL };
 	pid_t d;
 
 	snprintf(addr.sun_path, sizeof(addr.sun_path), "%s/notify.sock", dir);
 	cr_assert_eq(bind(fd, (struct sockaddr *)&addr, sizeof(addr)), 0);
 	snprintf(env, sizeof(env), "NOTIFY_SOCKET=%s", addr.sun_path);
+	/* as systemd runs it: stderr to the journal, which stamps the lines */
+	extra[1] = journal;
 	d = start_daemon("mtlzd", extra, NULL);
 	replay(8, "single_object");
 	/* READY=1 once joined; STATUS= lines come every status.interval_ms */
@@ -585,6 +622,9 @@ Test(daemon, systemd_notifications_on_our_socket)
 	cr_assert_lt(strstr(all, "READY=1"), strstr(all, "STOPPING=1"));
 	cr_assert_eq(wait_exit(d, 60), 0);
 	close(fd);
+	stamped_lines("mtlzd", &total, &stamped);
+	cr_assert_gt(total, 3, "see %s", dir);
+	cr_assert_eq(stamped, 0, "the journal stamps lines itself: no ts= (see %s)", dir);
 }
 
 Test(daemon, two_daemons_share_the_partitions)
@@ -760,6 +800,9 @@ Test(daemon, injected_errors_on_the_daemons_own_requests_are_retried)
 	all_32_then_stop(d);
 	cr_assert_geq(count_in_log("mtlzd", "encountered error", NULL, NULL), 1,
 		      "the daemon's producer met no injected error (%s/mtlzd.log)", dir);
+	/* librdkafka's lines come through the daemon's logger, as logfmt */
+	cr_assert_geq(count_in_log("mtlzd", "level=debug event=rdkafka client=mtlzd#producer",
+				   NULL, NULL), 1, "%s/mtlzd.log", dir);
 	cr_assert_geq(count_in_log("mtlzd", "event=consume_error", NULL, NULL), 1,
 		      "the daemon's consumer met no injected error (%s/mtlzd.log)", dir);
 }
@@ -1191,6 +1234,41 @@ Test(daemon, exactly_once_abortable_error_aborts_rewinds_and_retries)
 	txn_status("mtlzd", &txns, &aborted, &rewinds);
 	cr_assert_eq(aborted, 1, "one transaction aborted (%s)", dir);
 	cr_assert_eq(rewinds, 1);
+}
+
+/* A persistent engine error in exactly_once mode: the batch never opens a
+ * transaction (the engine runs before begin_transaction), so nothing of it
+ * is produced or committed; the daemon stops with exit 1 and a restart
+ * gives every input its result. */
+Test(daemon, exactly_once_persistent_engine_error_commits_nothing_for_the_batch)
+{
+	static const char *const sets[] = { "delivery.guarantee=exactly_once",
+					    "batch.max_delay_ms=200", NULL };
+	char env[] = "MTLZ_FAULT_ENGINE=3+";
+	char *extra[] = { env, NULL };
+	pid_t d = start_daemon_v("mtlzd", extra, sets);
+	int distinct, n, rc;
+	long txns, aborted, rewinds;
+
+	replay(40, "single_object");
+	rc = wait_exit(d, 60);
+	cr_assert_eq(rc, 1, "exit code %d (see %s)", rc, dir);
+	cr_assert_eq(count_in_log("mtlzd", "event=engine_error engine=cpu attempt=2 ", NULL, NULL),
+		     1, "see %s", dir);
+	txn_status("mtlzd", &txns, &aborted, &rewinds);
+	/* batches 1 and 2 ran and were committed; the third failed before its
+	 * transaction began */
+	cr_assert_eq(txns, 2, "transactions committed: %ld (%s)", txns, dir);
+	cr_assert_eq(aborted, 0);
+	n = read_results(1000, 5, &distinct);
+	/* the two committed batches' results only */
+	cr_assert(distinct > 0 && distinct < 40, "%d rows, %d distinct (%s)", n, distinct, dir);
+	d = start_daemon_v("mtlzd2", NULL, eos_sets);
+	n = read_results(1000, 10, &distinct);
+	cr_assert_eq(distinct, 40, "every input has a result (%d rows, %d distinct, %s)", n,
+		     distinct, dir);
+	kill(d, SIGTERM);
+	cr_assert_eq(wait_exit(d, 60), 0);
 }
 
 Test(daemon, exactly_once_fenced_instance_stops_and_restart_loses_nothing)
