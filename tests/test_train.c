@@ -91,11 +91,13 @@ static double total_loss(mtlz_trainer_d *t, const mtlz_batch *b, const mtlz_loss
 }
 
 /* max over i of |analytic - numeric| / max(1e-4, |numeric|) for the
- * parameters [off, off + n), central differences with step h. */
+ * parameters [off, off + n), central differences with step h. Three
+ * threads (more than this machine's cores, an odd split of every OpenMP
+ * loop and BLAS call): the gradient must not depend on the split. */
 static void check_params(const char *what, int attention, int task)
 {
 	mtlz_model *m = tiny_model(attention, 11);
-	mtlz_trainer_d *t = mtlz_trainer_d_new(m, B, 1, err, sizeof(err));
+	mtlz_trainer_d *t = mtlz_trainer_d_new(m, B, 3, err, sizeof(err));
 	mtlz_batch b;
 	mtlz_loss_opts o;
 	mtlz_losses l;
