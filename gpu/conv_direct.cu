@@ -443,7 +443,10 @@ k_conv_mma(const float *__restrict__ in, int lin_pad, int cin, const float *__re
 		for (int e = tid; e < STEP / POOL * (BN / 4); e += NT) {
 			const int q = e / (BN / 4), col = (e % (BN / 4)) * 4, qo = t0 / POOL + q;
 			float4 v = *reinterpret_cast<const float4 *>(&sm.C[q * POOL][col]);
-			const float4 bb = *reinterpret_cast<const float4 *>(b + n0 + col);
+			/* scalar loads: the trainer's biases sit in its packed
+			 * parameter vector, not 16-byte aligned in general */
+			const float4 bb = make_float4(b[n0 + col], b[n0 + col + 1], b[n0 + col + 2],
+						      b[n0 + col + 3]);
 
 			if (qo >= Lp)
 				continue;
@@ -476,6 +479,20 @@ k_conv_mma(const float *__restrict__ in, int lin_pad, int cin, const float *__re
 #else
 	__trap();
 #endif
+}
+
+/* The tensor-core kernels exist in this binary only when it was compiled
+ * for sm_80 or later (elsewhere they are a __trap()): the PTX the loaded
+ * code came from says which. */
+int mtlz_cu_mma_built(void)
+{
+	cudaFuncAttributes a;
+
+	if (cudaFuncGetAttributes(&a, k_conv_mma<128, 16, 32, 16, 1, false, false>) != cudaSuccess) {
+		cudaGetLastError();
+		return 0;
+	}
+	return a.ptxVersion >= 80;
 }
 
 int mtlz_cu_conv_mma_ok(int cin, int cout, int k, int pool)

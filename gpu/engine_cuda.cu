@@ -308,7 +308,7 @@ static void *cuda_init(const mtlz_engine_opts *o, char *errstr, size_t errstr_si
 	}
 	for (int i = 0; c->profile && i <= MAX_STAGES; i++)
 		cudaEventCreate(&c->ev[i]);
-	c->mma = c->tf32 && p.major >= 8;
+	c->mma = c->tf32 && p.major >= 8 && mtlz_cu_mma_built();
 	snprintf(c->desc, sizeof(c->desc),
 		 "cuda device=%d %.64s (sm_%d%d, %d SMs, %.1f GiB) precision=%s graphs<=%d%s",
 		 dev, p.name, p.major, p.minor, p.multiProcessorCount,
@@ -662,8 +662,9 @@ static int choose_conv(struct cuda_ctx *c, char *errstr, size_t errstr_size)
 				/* candidates: 0 GEMM, 1 direct, 2 direct + first layer,
 				 * 3 mma, 4 mma + first layer; a fused one also saves
 				 * layer 0's own time t0 */
-				for (int d = 0; d < 5 && !rc; d++) {
+				for (int d = 0; d < 5; d++)
 					t[d] = 1e30f;
+				for (int d = 0; d < 5 && !rc; d++) {
 					if (((d == 2 || d == 4) && !fuse) || (d >= 3 && !mma))
 						continue;
 					rc = time_layer(c, Lr, nb[b], d, e0, e1, &t[d], errstr,
@@ -672,6 +673,8 @@ static int choose_conv(struct cuda_ctx *c, char *errstr, size_t errstr_size)
 				if (!rc && fuse)
 					rc = time_layer(c, &c->conv[0], nb[b], 0, e0, e1, &t0, errstr,
 							errstr_size);
+				if (rc)
+					break;
 				for (int d = 1; d < 5; d++)
 					if ((d == 2 || d == 4 ? t[d] - t0 : t[d]) <
 					    (best == 2 || best == 4 ? t[best] - t0 : t[best]))

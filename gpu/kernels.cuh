@@ -45,6 +45,9 @@ void mtlz_cu_conv_direct_first(const float *x, int L, const float *w1, const flo
 /* The same two on TF32 tensor cores (mma.sync, sm_80+; precision=tf32
  * only): _ok needs cin % 16 == 0. */
 int mtlz_cu_conv_mma_ok(int cin, int cout, int k, int pool);
+/* Nonzero when this binary holds the tensor-core code (built for sm_80+;
+ * a device of compute capability >= 8 is needed as well). */
+int mtlz_cu_mma_built(void);
 void mtlz_cu_conv_mma(const float *in, int n, int lin_pad, int cin, const float *w,
 		      const float *b, int cout, int lout, int pool, int pad, float *out,
 		      cudaStream_t s);

@@ -722,7 +722,8 @@ extern "C" struct mtlz_cuda_trainer *mtlz_cuda_trainer_new(const mtlz_model *m, 
 	for (int i = 0; t->profile && i < NL; i++)
 		for (int j = 0; j < 5; j++)
 			cudaEventCreate(&t->cev[i][j]);
-	t->cc_major = prop.major;
+	/* the tensor-core kernels need the device and this binary's code */
+	t->cc_major = mtlz_cu_mma_built() ? prop.major : 0;
 	snprintf(t->dev_desc, sizeof(t->dev_desc), "cuda device=%d %.64s (sm_%d%d) batch<=%d", t->dev,
 		 prop.name, prop.major, prop.minor, max_batch);
 	if (autotune(t, errstr, errstr_size)) {
@@ -802,7 +803,8 @@ static int dw_narrow_fits(const struct mtlz_cuda_trainer *t, const struct tconv 
 /* k_dw_mma's shapes (tf32 on sm_80+): 3 taps, 16 | cin, 16 | cout */
 static int dw_mma_fits(const struct mtlz_cuda_trainer *t, const struct tconv *cv)
 {
-	return t->tf32 && t->cc_major >= 8 && t->k == 3 && cv->cin % 16 == 0 && cv->cout % 16 == 0;
+	return t->tf32 && t->cc_major >= 8 && t->k == 3 && cv->cin % 16 == 0 &&
+	       cv->cout % 16 == 0 && (size_t)cv->cout * cv->cin <= (size_t)DW_MAX_BLOCKS * 1024;
 }
 
 #define PROF(cv, j)                                                            \
@@ -971,7 +973,7 @@ static int autotune(struct mtlz_cuda_trainer *t, char *errstr, size_t errstr_siz
 		const float *X = second ? t->R1[b] : t->X[b];
 		float *Y = second ? t->Y2[b] : t->R1[b];
 		const int rows = second ? t->rp1[b] : t->rp0[b], lout = second ? t->l2[b] : t->l1[b];
-		int fcand[3], nf = 0, dcand[3], nd = 0;
+		int fcand[3], nf = 0, dcand[4], nd = 0;
 		float best = INFINITY, ms = 0;
 
 		if (cv->cin > 1) {   /* the first layer is conv_first, always */
@@ -979,15 +981,21 @@ static int autotune(struct mtlz_cuda_trainer *t, char *errstr, size_t errstr_siz
 			const int mma = t->tf32 && t->cc_major >= 8 &&
 					mtlz_cu_conv_mma_ok(cv->cin, cv->cout, t->k, 1);
 
-			if (!fe || strcmp(fe, "direct") || !direct)
-				if (!fe || strcmp(fe, "mma") || !mma)
-					fcand[nf++] = 0;
-			if (direct && (!fe || !strcmp(fe, "direct")))
-				fcand[nf++] = 1;
-			if (mma && (!fe || !strcmp(fe, "mma")))
-				fcand[nf++] = 2;
-			if (nf == 0)
+			/* forced: gemm; direct where it applies; mma where it
+			 * applies, else direct, as the engine does; unknown or
+			 * unset: every path that applies, timed */
+			const int f = !fe ? 0 : !strcmp(fe, "gemm") ? 1 : !strcmp(fe, "direct") ? 2 :
+				      !strcmp(fe, "mma") ? 3 : 0;
+
+			if (f == 0) {
 				fcand[nf++] = 0;
+				if (direct)
+					fcand[nf++] = 1;
+				if (mma)
+					fcand[nf++] = 2;
+			} else {
+				fcand[nf++] = f == 3 && mma ? 2 : f >= 2 && direct ? 1 : 0;
+			}
 		}
 		cv->fwd = nf ? fcand[0] : 0;
 		for (int c = 0; nf > 1 && c < nf && rc == MTLZ_OK; c++) {

@@ -915,9 +915,13 @@ static void tf32_gradient(const char *fwd)
 	t[0] = mtlz_trainer_new_kind(m, n, 2, "cuda", err, sizeof(err));
 	t[1] = mtlz_trainer_new_kind(m, n, 2, "cuda", err, sizeof(err));
 	cr_assert(t[0] && t[1], "%s", err);
-	setenv("MTLZ_CUDA_TRAIN_CONV", fwd, 1);
-	setenv("MTLZ_CUDA_DX", fwd, 1);
-	setenv("MTLZ_CUDA_DW", fwd, 1);
+	unsetenv("MTLZ_CUDA_TRAIN_CONV");
+	unsetenv("MTLZ_CUDA_DW");
+	if (fwd) {
+		setenv("MTLZ_CUDA_TRAIN_CONV", fwd, 1);
+		setenv("MTLZ_CUDA_DX", fwd, 1);
+		setenv("MTLZ_CUDA_DW", fwd, 1);
+	}
 	cr_assert_eq(mtlz_trainer_set_precision(t[1], "tf32", err, sizeof(err)), MTLZ_OK, "%s",
 		     err);
 	unsetenv("MTLZ_CUDA_TRAIN_CONV");
@@ -925,16 +929,17 @@ static void tf32_gradient(const char *fwd)
 	unsetenv("MTLZ_CUDA_DW");
 	cr_log_info("%s", mtlz_trainer_describe(t[1]));
 	cr_assert(strstr(mtlz_trainer_describe(t[1]), "tf32"), "%s", mtlz_trainer_describe(t[1]));
-	/* f (first layer), then every layer on the path asked for */
-	cr_assert(strstr(mtlz_trainer_describe(t[1]),
-			 strcmp(fwd, "mma") ? "fwd=fggggggggg" : "fwd=fttttttttt"), "%s",
-		  mtlz_trainer_describe(t[1]));
-	cr_assert(strstr(mtlz_trainer_describe(t[1]),
-			 strcmp(fwd, "mma") ? "dX=-ggggggggg" : "dX=-ttttttttt"), "%s",
-		  mtlz_trainer_describe(t[1]));
-	cr_assert(strstr(mtlz_trainer_describe(t[1]),
-			 strcmp(fwd, "mma") ? "dW=gggggggggg" : "dW=gttttttttt"), "%s",
-		  mtlz_trainer_describe(t[1]));
+	if (fwd) {
+		/* f (first layer), then every layer on the path asked for */
+		const int mma = !strcmp(fwd, "mma");
+		const char *d = mtlz_trainer_describe(t[1]);
+
+		cr_assert(strstr(d, mma ? "fwd=fttttttttt" : "fwd=fggggggggg"), "%s", d);
+		cr_assert(strstr(d, mma ? "dX=-ttttttttt" : "dX=-ggggggggg"), "%s", d);
+		cr_assert(strstr(d, mma ? "dW=gttttttttt" : "dW=gggggggggg"), "%s", d);
+	} else {
+		fwd = "autotuned";
+	}
 	np = mtlz_trainer_n_params(t[0]);
 	x = malloc((size_t)n * L * sizeof(float));
 	oh = malloc(n * sizeof(float));
@@ -987,6 +992,13 @@ Test(cuda, tf32_trainer_gradients_close_to_fp32, .timeout = 300)
 Test(cuda, tf32_trainer_tensor_core_forward_close_to_fp32, .timeout = 300)
 {
 	tf32_gradient("mma");
+}
+
+/* nothing forced: the TF32 trainer times every forward, dW (GEMM, both
+ * k_dw_narrow block sizes, k_dw_mma) and dX candidate of every layer */
+Test(cuda, tf32_trainer_autotuned_close_to_fp32, .timeout = 300)
+{
+	tf32_gradient(NULL);
 }
 
 Test(cuda, cuda_trainer_without_device_says_why)
