@@ -63,7 +63,8 @@ static const char usage[] =
 	"  -n, --count N         stop after N messages\n"
 	"  -l, --loop            repeat the inputs until --count or SIGINT; pass k > 0\n"
 	"                        sends spec_id \"<id>#k\" (distinct ids and keys)\n"
-	"  -X, --property K=V    raw librdkafka producer property (repeatable)\n"
+	"  -X, --property K=V    raw librdkafka producer property (repeatable; overrides\n"
+	"                        the defaults enable.idempotence=true, linger.ms=5)\n"
 	"Environment: MTLZ_SCHEMA_DIR overrides where spectrum.avsc is.\n";
 
 struct replay {
@@ -279,6 +280,12 @@ int main(int argc, char **argv)
 	int loop = 0, opt, rc = 0;
 	struct sigaction sa;
 
+	/* our defaults before the options: -X KEY=VALUE overrides them */
+	if (rd_kafka_conf_set(kc, "enable.idempotence", "true", err, sizeof(err)) ||
+	    rd_kafka_conf_set(kc, "linger.ms", "5", err, sizeof(err))) {
+		fprintf(stderr, "mtlz-replay: %s\n", err);
+		return 2;
+	}
 	while ((opt = getopt_long(argc, argv, "b:t:f:r:n:lX:h", opts, NULL)) != -1) {
 		switch (opt) {
 		case 'b': brokers = optarg; break;
@@ -333,9 +340,7 @@ int main(int argc, char **argv)
 		fprintf(stderr, "mtlz-replay: %s\n", err);
 		return 1;
 	}
-	if (rd_kafka_conf_set(kc, "bootstrap.servers", brokers, err, sizeof(err)) ||
-	    rd_kafka_conf_set(kc, "enable.idempotence", "true", err, sizeof(err)) ||
-	    rd_kafka_conf_set(kc, "linger.ms", "5", err, sizeof(err))) {
+	if (rd_kafka_conf_set(kc, "bootstrap.servers", brokers, err, sizeof(err))) {
 		fprintf(stderr, "mtlz-replay: %s\n", err);
 		return 2;
 	}
