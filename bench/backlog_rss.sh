@@ -40,10 +40,10 @@
 # as a real broker's, every message is queued in librdkafka before the first
 # batch is sent (linger.ms 60 s, then flush), so each partition holds one
 # batch of up to 10,000 messages / 1 MB (~3,900 messages, ~300 KB at N=1M,
-# P=256) and the first Fetch brings ~50 MB, ~650,000 messages. mtlz-replay
-# cannot do that: it sets linger.ms=5 after its -X options, so
-# `-X linger.ms=...` has no effect, and its batches hold ~30 messages.
-# PRODUCER=replay uses `mtlz-replay --loop` anyway (small fetches).
+# P=256) and a Fetch may bring ~50 MB, ~650,000 messages (librdkafka's
+# fetch.max.bytes; mtlzd now caps it at 4 MB). mtlz-replay
+# does not: paced and with linger.ms=5 by default, its batches hold ~30
+# messages. PRODUCER=replay uses `mtlz-replay --loop` (small fetches).
 # COMPRESSION=lz4|zstd|gzip|snappy (bulk only) compresses the batches, as a
 # pipeline's producer may: fetch.max.bytes and max.partition.fetch.bytes
 # then count compressed bytes and one Fetch can bring many more messages.
@@ -71,17 +71,8 @@ command -v kcat >/dev/null || { echo "needs kcat (apt-get install kcat)" >&2; ex
 /usr/bin/python3 -c 'import avro' 2>/dev/null ||
 	{ echo "needs python3-avro (apt-get install python3-avro)" >&2; exit 2; }
 export MTLZ_SCHEMA_DIR="$PWD/schemas"
-work=$(mktemp -d)
-pids=()
-cleanup() {
-	for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-		kill -TERM "${pids[i]}" 2>/dev/null; wait "${pids[i]}" 2>/dev/null
-	done
-	rm -rf "$work"
-}
-trap cleanup EXIT
-model=$work/model.safetensors
-$B/tools/mtlz init -o "$model" --seed 1 2>/dev/null
+. bench/lib.sh
+bench_init
 
 # 16 base spectra (spec_id bl0..bl15; pass k > 0 of the backlog sends
 # "bl<i>#k": distinct ids and keys, as mtlz-replay --loop does)

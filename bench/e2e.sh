@@ -27,18 +27,8 @@ B=${B:-build}
 ENGINE=${ENGINE:-cpu}
 [ -x $B/daemon/mtlzd ] || { tools/install-deps.sh && tools/build.sh build; }
 export MTLZ_SCHEMA_DIR="$PWD/schemas"
-work=$(mktemp -d)
-pids=()
-# stop in reverse order: daemons before their brokers
-cleanup() {
-	for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-		kill -TERM "${pids[i]}" 2>/dev/null; wait "${pids[i]}" 2>/dev/null
-	done
-	rm -rf "$work"
-}
-trap cleanup EXIT
-model=$work/model.safetensors
-$B/tools/mtlz init -o "$model" --seed 1 2>/dev/null
+. bench/lib.sh
+bench_init
 files=(tests/data/spec-*.fits tests/data/coadd-*.fits)
 
 # sets $bootstrap (not in a subshell: cleanup must know the pid)

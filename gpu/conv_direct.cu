@@ -35,6 +35,27 @@ struct first_layer {
 	int L;
 };
 
+/* The first layer's activation relu(b + sum_j w[c][j] x[t1 + j - pad]) of
+ * channel c at row t1 of spectrum x (zero outside the l1 rows: padding). */
+__device__ __forceinline__ float first_layer_at(const struct first_layer &f, const float *xs,
+						int t1, int l1, int pad, int c)
+{
+	float v = 0.0f;
+
+	if (t1 >= 0 && t1 < l1) {
+		v = f.b[c];
+#pragma unroll
+		for (int j = 0; j < KW; j++) {
+			const int sx = t1 + j - pad;
+
+			if (sx >= 0 && sx < f.L)
+				v = fmaf(f.w[c * KW + j], xs[sx], v);
+		}
+		v = fmaxf(v, 0.0f);
+	}
+	return v;
+}
+
 template <int BM, int BN, int TM, int TN, int POOL, bool FIRST>
 __global__ void __launch_bounds__((BM / TM) * (BN / TN))
 k_conv_direct(const float *__restrict__ in, int lin_pad, int cin, const float *__restrict__ w,
@@ -63,21 +84,9 @@ k_conv_direct(const float *__restrict__ in, int lin_pad, int cin, const float *_
 			const int l1 = lin_pad - 2 * pad;
 
 			for (int e = tid; e < AR * BK; e += NT) {
-				const int r = e / BK, kk = e % BK, t1 = t0 + r - pad;
-				float v = 0.0f;
+				const int r = e / BK, kk = e % BK;
 
-				if (t1 >= 0 && t1 < l1) {
-					v = f.b[c0 + kk];
-#pragma unroll
-					for (int j = 0; j < KW; j++) {
-						const int sx = t1 + j - pad;
-
-						if (sx >= 0 && sx < f.L)
-							v = fmaf(f.w[(c0 + kk) * KW + j], xs[sx], v);
-					}
-					v = fmaxf(v, 0.0f);
-				}
-				As[kk][r] = v;
+				As[kk][r] = first_layer_at(f, xs, t0 + r - pad, l1, pad, c0 + kk);
 			}
 		} else
 		for (int e = tid; e < AR * (BK / 4); e += NT) {
@@ -320,21 +329,10 @@ k_conv_mma(const float *__restrict__ in, int lin_pad, int cin, const float *__re
 			const int l1 = lin_pad - 2 * pad;
 
 			for (int e = tid; e < AR * MMA_BK; e += NT) {
-				const int r = e / MMA_BK, kk = e % MMA_BK, t1 = t0 + r - pad;
-				float v = 0.0f;
+				const int r = e / MMA_BK, kk = e % MMA_BK;
 
-				if (t1 >= 0 && t1 < l1) {
-					v = f.b[c0 + kk];
-#pragma unroll
-					for (int j = 0; j < KW; j++) {
-						const int sx = t1 + j - pad;
-
-						if (sx >= 0 && sx < f.L)
-							v = fmaf(f.w[(c0 + kk) * KW + j], xs[sx], v);
-					}
-					v = fmaxf(v, 0.0f);
-				}
-				sm.s.A[r][kk] = to_tf32(v);
+				sm.s.A[r][kk] = to_tf32(first_layer_at(f, xs, t0 + r - pad, l1, pad,
+								       c0 + kk));
 			}
 		} else
 			for (int e = tid; e < AR * (MMA_BK / 4); e += NT) {
