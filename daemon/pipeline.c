@@ -1068,7 +1068,8 @@ int mtlzd_start(struct mtlzd *d, const mtlz_conf *c, volatile sig_atomic_t *stop
  * consumer has read from; partitions it has not read from yet (no
  * position: where it starts is the committed offset, which only a broker
  * round trip would tell) are counted in *unread, not in the lag, so the
- * lag is a lower bound while *unread > 0. */
+ * lag is a lower bound while *unread > 0; a partition known to be empty
+ * counts in neither. */
 static int64_t consumer_lag(struct mtlzd *d, int *unread)
 {
 	rd_kafka_topic_partition_list_t *a = NULL;
@@ -1081,13 +1082,16 @@ static int64_t consumer_lag(struct mtlzd *d, int *unread)
 	for (int i = 0; i < a->cnt; i++) {
 		int64_t lo, hi;
 
+		if (rd_kafka_get_watermark_offsets(d->consumer, a->elems[i].topic,
+						   a->elems[i].partition, &lo, &hi) != 0)
+			lo = hi = -1;
 		if (a->elems[i].offset < 0) {
-			(*unread)++;
+			/* nothing consumed: an empty partition (watermarks
+			 * known, equal) is no lag, anything else unknown */
+			*unread += !(lo >= 0 && hi <= lo);
 			continue;
 		}
-		if (rd_kafka_get_watermark_offsets(d->consumer, a->elems[i].topic,
-						   a->elems[i].partition, &lo, &hi) == 0 &&
-		    hi >= 0 && hi > a->elems[i].offset)
+		if (hi >= 0 && hi > a->elems[i].offset)
 			lag += hi - a->elems[i].offset;
 	}
 	rd_kafka_topic_partition_list_destroy(a);

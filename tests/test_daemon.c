@@ -335,6 +335,9 @@ Test(daemon, n_spectra_in_exactly_n_results_out)
 	stamped_lines("mtlzd", &total, &stamped);
 	cr_assert_gt(total, 3, "see %s", dir);
 	cr_assert_eq(stamped, total, "every line starts with ts=<now, UTC> (see %s)", dir);
+	/* drained: the final status knows every partition's lag, and it is 0 */
+	cr_assert_eq(count_in_log("mtlzd", " lag=0 unread_partitions=0 ", NULL, NULL) > 0, 1,
+		     "see %s", dir);
 }
 
 Test(daemon, every_input_framing_is_read)
