@@ -166,6 +166,99 @@ void mtlz_conv_nlc(int isa, const float *x, int cin, int k, int l0, int l1,
 	conv_generic(x, cin, k * cin, l0, l1, wp, bp, cout_pad, y, ldy, relu);
 }
 
+/* ---- weight gradient ------------------------------------------------- */
+
+#define DW_CHUNK 128 /* rows of x and dy per pass over the tiles of c */
+
+static void dw_generic(const float *x, int cin, int K, int n, const float *dy,
+		       int ldd, int cout_pad, float *c)
+{
+	for (int g = 0; g < n; g++) {
+		const float *a = x + (size_t)g * cin, *d = dy + (size_t)g * ldd;
+
+		for (int kk = 0; kk < K; kk++) {
+			const float v = a[kk];
+			float *cr = c + (size_t)kk * cout_pad;
+
+			for (int o = 0; o < cout_pad; o++)
+				cr[o] += v * d[o];
+		}
+	}
+}
+
+#if defined(__x86_64__)
+/* c[r][0..16) += sum_{g<n} x[g*cin + r] * d[g*ldd + 0..16), r < mr. */
+__attribute__((target("avx2,fma"), always_inline)) static inline void
+ukr_dw_avx2(const float *x, int cin, const float *d, int ldd, int n, float *c,
+	    int ldc, const int mr)
+{
+	__m256 acc[MR][2];
+
+#pragma GCC unroll 6
+	for (int r = 0; r < mr; r++) {
+		acc[r][0] = _mm256_setzero_ps();
+		acc[r][1] = _mm256_setzero_ps();
+	}
+	for (int g = 0; g < n; g++) {
+		const __m256 w0 = _mm256_loadu_ps(d + (size_t)g * ldd);
+		const __m256 w1 = _mm256_loadu_ps(d + (size_t)g * ldd + 8);
+
+#pragma GCC unroll 6
+		for (int r = 0; r < mr; r++) {
+			const __m256 v = _mm256_broadcast_ss(x + (size_t)g * cin + r);
+
+			acc[r][0] = _mm256_fmadd_ps(v, w0, acc[r][0]);
+			acc[r][1] = _mm256_fmadd_ps(v, w1, acc[r][1]);
+		}
+	}
+#pragma GCC unroll 6
+	for (int r = 0; r < mr; r++) {
+		float *cr = c + (size_t)r * ldc;
+
+		_mm256_storeu_ps(cr, _mm256_add_ps(_mm256_loadu_ps(cr), acc[r][0]));
+		_mm256_storeu_ps(cr + 8, _mm256_add_ps(_mm256_loadu_ps(cr + 8), acc[r][1]));
+	}
+}
+
+__attribute__((target("avx2,fma"))) static void
+dw_avx2(const float *x, int cin, int K, int n, const float *dy, int ldd,
+	int cout_pad, float *c)
+{
+	for (int g0 = 0; g0 < n; g0 += DW_CHUNK) {
+		const int gn = n - g0 < DW_CHUNK ? n - g0 : DW_CHUNK;
+		const float *xa = x + (size_t)g0 * cin, *da = dy + (size_t)g0 * ldd;
+
+		for (int o = 0; o < cout_pad; o += MTLZ_NR) {
+			int kk = 0;
+
+			for (; kk + MR <= K; kk += MR)
+				ukr_dw_avx2(xa + kk, cin, da + o, ldd, gn,
+					    c + (size_t)kk * cout_pad + o, cout_pad, MR);
+			switch (K - kk) {
+			case 5: ukr_dw_avx2(xa + kk, cin, da + o, ldd, gn, c + (size_t)kk * cout_pad + o, cout_pad, 5); break;
+			case 4: ukr_dw_avx2(xa + kk, cin, da + o, ldd, gn, c + (size_t)kk * cout_pad + o, cout_pad, 4); break;
+			case 3: ukr_dw_avx2(xa + kk, cin, da + o, ldd, gn, c + (size_t)kk * cout_pad + o, cout_pad, 3); break;
+			case 2: ukr_dw_avx2(xa + kk, cin, da + o, ldd, gn, c + (size_t)kk * cout_pad + o, cout_pad, 2); break;
+			case 1: ukr_dw_avx2(xa + kk, cin, da + o, ldd, gn, c + (size_t)kk * cout_pad + o, cout_pad, 1); break;
+			default: break;
+			}
+		}
+	}
+}
+#endif
+
+void mtlz_conv_dw_nlc(int isa, const float *x, int cin, int k, int n,
+		      const float *dy, int ldd, int cout_pad, float *c)
+{
+#if defined(__x86_64__)
+	if (isa == MTLZ_ISA_AVX2) {
+		dw_avx2(x, cin, k * cin, n, dy, ldd, cout_pad, c);
+		return;
+	}
+#endif
+	dw_generic(x, cin, k * cin, n, dy, ldd, cout_pad, c);
+}
+
 static void bias_act(float *y, int rows, int ldy, const float *b, int n, int relu)
 {
 	for (int r = 0; r < rows; r++) {

@@ -64,6 +64,16 @@ void mtlz_conv_nlc_blas(const float *x, int cin, int k, int l0, int l1,
 			const float *wrow, const float *bp, int cout_pad,
 			float *y, int ldy, int relu, float *col);
 
+/* The weight gradient of mtlz_conv_nlc, accumulated:
+ *   c[kk][o] += sum_{g<n} x[g*cin + kk] * dy[g*ldd + o],  kk < k*cin, o < cout_pad
+ * x is the padded input (row g of x = the first tap of output g), dy the
+ * gradient of the n outputs (row stride ldd >= cout_pad, cout_pad a
+ * multiple of 16), c the [k*cin][cout_pad] gradient in the panels' row
+ * order (kk = tap * cin + ci). Rows are taken in chunks so that x and dy
+ * stay in cache while every tile of c passes over them. */
+void mtlz_conv_dw_nlc(int isa, const float *x, int cin, int k, int n,
+		      const float *dy, int ldd, int cout_pad, float *c);
+
 /* y[l][c] = max_{i<pool} x[l*pool + i][c], l in [l0, l1), c < C. */
 void mtlz_maxpool_nlc(const float *x, int C, int pool, int l0, int l1, float *y);
 

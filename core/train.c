@@ -5,6 +5,7 @@
 #include "train.h"
 #include "common.h"
 #include "log.h"
+#include "train_nlc.h"
 
 #include <cblas.h>
 #include <math.h>
@@ -30,7 +31,9 @@ void mtlz_loss_opts_default(mtlz_loss_opts *o)
 #define GEMV cblas_sgemv
 #define TR mtlz_trainer
 #define FN(x) trf_##x
+#define TRUNK_NLC 1
 #include "train_impl.h"
+#undef TRUNK_NLC
 #undef REAL
 #undef GEMM
 #undef GEMV
@@ -94,7 +97,9 @@ const char *mtlz_trainer_describe(const mtlz_trainer *t)
 	if (t->cuda)
 		return mtlz_cuda_trainer_describe(t->cuda);
 #endif
-	return "cpu (OpenBLAS)";
+	if (t->nlc)
+		return mtlz_nlc_describe(t->nlc);
+	return "cpu (im2col + OpenBLAS)";
 }
 
 void mtlz_train_dropout_masks(float *mask, int B, int C, int head, float p_drop, uint64_t seed)

@@ -4,7 +4,9 @@
  *   REAL  float | double
  *   GEMM  cblas_sgemm | cblas_dgemm
  *   TR    struct name, FN(x) the function-name prefix.
- * See train.h for the layout and the conventions.
+ * See train.h for the layout and the conventions. With TRUNK_NLC defined
+ * (float), the convolutional trunk runs channels-last (train_nlc.h) unless
+ * MTLZ_TRAIN_TRUNK=im2col asks for the [C][B][L] im2col + BLAS trunk below.
  */
 
 struct TR {
@@ -38,6 +40,7 @@ struct TR {
 	REAL *ones;                    /* [map_n / min channels]: bias gradients as GEMV */
 	struct { char name[64]; size_t off, n; } *tens;   /* the packed order */
 	size_t n_tens;
+	void *nlc;                     /* float only: the channels-last trunk (train_nlc.h) */
 	void *cuda;                    /* float only: the CUDA trainer doing the steps */
 	REAL *grad_own;                /* [n_p]: train_step's gradient (CPU) */
 	/* cuda train_step: the device holds newer parameters and moments of
@@ -81,6 +84,9 @@ static void FN(free_all)(struct TR *t)
 	free(t->gscratch);
 	free(t->ones);
 	free(t->tens);
+#ifdef TRUNK_NLC
+	mtlz_nlc_free(t->nlc);
+#endif
 	free(t);
 }
 
@@ -134,8 +140,8 @@ static struct TR *FN(new)(const mtlz_model *m, int max_batch, int n_threads, cha
 	struct TR *t = calloc(1, sizeof(*t));
 	const mtlz_arch *a = mtlz_model_arch(m);
 	char name[64];
-	int fail = 0, cin = 1, maxw, B = max_batch;
-	size_t col_n = 0, map_n = 0;
+	int fail = 0, cin = 1, maxw, B = max_batch, nlc = 0;
+	size_t col_n = 0, map_n = 0, tr;
 
 	if (!t) {
 		mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory");
@@ -151,6 +157,14 @@ static struct TR *FN(new)(const mtlz_model *m, int max_batch, int n_threads, cha
 	t->n_threads = n_threads > 0 ? n_threads : 1;
 	t->n_p = mtlz_model_n_params(m);
 	t->p = FN(alloc)(t->n_p, &fail);
+#ifdef TRUNK_NLC
+	{
+		const char *e = getenv("MTLZ_TRAIN_TRUNK");
+
+		nlc = !e || strcmp(e, "im2col") != 0;
+	}
+#endif
+	tr = !nlc;   /* 0: the im2col trunk's maps are not allocated */
 	t->len[0] = a->input_length;
 	for (int b = 0; b < a->n_blocks; b++) {
 		const int c = a->channels[b];
@@ -173,14 +187,16 @@ static struct TR *FN(new)(const mtlz_model *m, int max_batch, int n_threads, cha
 			map_n = MTLZ_MAX(map_n, (size_t)c * B * (k ? l2 : l1));
 		}
 		map_n = MTLZ_MAX(map_n, (size_t)cin * B * t->len[b]);
-		t->in[b] = FN(alloc)((size_t)cin * B * t->len[b], &fail);
-		t->r1[b] = FN(alloc)((size_t)c * B * l1, &fail);
-		t->idx[b] = calloc((size_t)c * B * t->len[b + 1] + 1, sizeof(int32_t));
+		t->in[b] = FN(alloc)(tr * cin * B * t->len[b], &fail);
+		t->r1[b] = FN(alloc)(tr * c * B * l1, &fail);
+		t->idx[b] = calloc(tr * c * B * t->len[b + 1] + 1, sizeof(int32_t));
 		fail |= !t->idx[b];
 		cin = c;
 	}
 	t->c_last = cin;
-	t->in[a->n_blocks] = FN(alloc)((size_t)cin * B * t->len[a->n_blocks], &fail);
+	col_n *= tr;
+	map_n *= tr;
+	t->in[a->n_blocks] = FN(alloc)(tr * cin * B * t->len[a->n_blocks], &fail);
 	t->col = FN(alloc)(col_n, &fail);
 	t->tmp = FN(alloc)(map_n, &fail);
 	t->g0 = FN(alloc)(map_n, &fail);
@@ -239,6 +255,18 @@ static struct TR *FN(new)(const mtlz_model *m, int max_batch, int n_threads, cha
 		t->tens[i].n = tt->n;
 		off += tt->n;
 	}
+#ifdef TRUNK_NLC
+	if (!fail && nlc) {
+		size_t ow[2 * MTLZ_MAX_BLOCKS], ob[2 * MTLZ_MAX_BLOCKS];
+
+		for (int i = 0; i < 2 * a->n_blocks; i++) {
+			ow[i] = t->conv[i].ow;
+			ob[i] = t->conv[i].ob;
+		}
+		t->nlc = mtlz_nlc_new(a, ow, ob, B, t->n_threads);
+		fail |= !t->nlc;
+	}
+#endif
 	if (fail) {
 		FN(free_all)(t);
 		mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory (trainer, batch %d)",
@@ -431,20 +459,13 @@ metal:
 	loss->total = (use_cls ? o->w_class * loss->cls : 0) + (use_met ? o->w_metal * loss->metal : 0);
 }
 
-static int FN(step)(struct TR *t, const float *xf, const double *xd, const mtlz_batch *bt,
-		    const mtlz_loss_opts *o, mtlz_losses *loss, REAL *grad, REAL *dx,
-		    REAL *logits_out, REAL *metal_out, char *errstr, size_t errstr_size)
+/* The im2col trunk's forward: x -> every block -> t->gap[B][C]. */
+static void FN(trunk_fwd)(struct TR *t, const float *xf, const double *xd, int B)
 {
 	const mtlz_arch *a = &t->a;
-	const int B = bt->n, K = a->n_classes, C = t->c_last, nb = a->n_blocks;
+	const int C = t->c_last, nb = a->n_blocks;
 	const int Lf = t->len[nb], k = a->kernel, pad = a->padding;
 
-	if (B < 1 || B > t->max_batch)
-		return mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID,
-				"batch of %d (1..%d)", B, t->max_batch);
-	openblas_set_num_threads(t->n_threads);
-	omp_set_num_threads(t->n_threads);
-	/* ---- forward ---- */
 	for (int b = 0; b < B; b++)
 		for (int l = 0; l < t->len[0]; l++) {
 			const size_t i = (size_t)b * t->len[0] + l;
@@ -478,7 +499,7 @@ static int FN(step)(struct TR *t, const float *xf, const double *xd, const mtlz_
 				}
 			}
 	}
-	/* GAP, attention, feature */
+	/* global average pool */
 	for (int b = 0; b < B; b++)
 		for (int ch = 0; ch < C; ch++) {
 			const REAL *f = t->in[nb] + ((size_t)ch * B + b) * Lf;
@@ -488,6 +509,78 @@ static int FN(step)(struct TR *t, const float *xf, const double *xd, const mtlz_
 				s += f[l];
 			t->gap[(size_t)b * C + ch] = s / Lf;
 		}
+}
+
+/* The im2col trunk's backward from t->dg: adds the convolutions' gradients
+ * into grad, and d/dx into dx when not NULL. */
+static void FN(trunk_bwd)(struct TR *t, int B, REAL *grad, REAL *dx)
+{
+	const mtlz_arch *a = &t->a;
+	const int C = t->c_last, nb = a->n_blocks;
+	const int Lf = t->len[nb], k = a->kernel, pad = a->padding;
+
+	/* GAP: d map = dg / Lf, into g0 as [C][B][Lf] */
+	for (int ch = 0; ch < C; ch++)
+		for (int b = 0; b < B; b++)
+			for (int l = 0; l < Lf; l++)
+				t->g0[((size_t)ch * B + b) * Lf + l] = t->dg[(size_t)b * C + ch] / Lf;
+	for (int blk = nb - 1; blk >= 0; blk--) {
+		const int c = a->channels[blk], lin = t->len[blk], cin = t->conv[2 * blk].cin;
+		const int l1 = t->lconv[blk][0], l2 = t->lconv[blk][1], lp = t->len[blk + 1];
+		REAL *dpool = t->g0, *dy2 = t->g1, *dr1 = t->tmp;
+
+		/* max-pool and the second ReLU: the gradient goes to the argmax,
+		 * where the conv2 output equals the pooled value */
+		memset(dy2, 0, (size_t)c * B * l2 * sizeof(REAL));
+#pragma omp parallel for collapse(2) schedule(static)
+		for (int ch = 0; ch < c; ch++)
+			for (int b = 0; b < B; b++) {
+				const size_t r = (size_t)ch * B + b;
+
+				for (int j = 0; j < lp; j++)
+					if (t->in[blk + 1][r * lp + j] > 0)
+						dy2[r * l2 + t->idx[blk][r * lp + j]] += dpool[r * lp + j];
+			}
+		/* conv2: input r1 */
+		FN(im2col)(t->r1[blk], c, B, l1, k, pad, l2, t->col);
+		FN(conv_bwd)(t, 2 * blk + 1, t->col, dy2, B * l2, grad, t->col);
+		FN(col2im)(t->col, c, B, l1, k, pad, l2, dr1);
+		for (size_t q = 0; q < (size_t)c * B * l1; q++)
+			if (t->r1[blk][q] <= 0)
+				dr1[q] = 0;
+		/* conv1: input in[blk]; its gradient is the previous block's dpool */
+		FN(im2col)(t->in[blk], cin, B, lin, k, pad, l1, t->col);
+		if (blk > 0 || dx) {
+			FN(conv_bwd)(t, 2 * blk, t->col, dr1, B * l1, grad, t->col);
+			FN(col2im)(t->col, cin, B, lin, k, pad, l1, t->g0);
+		} else {
+			FN(conv_bwd)(t, 2 * blk, t->col, dr1, B * l1, grad, NULL);
+		}
+	}
+	if (dx)
+		memcpy(dx, t->g0, (size_t)B * t->len[0] * sizeof(REAL));
+}
+
+static int FN(step)(struct TR *t, const float *xf, const double *xd, const mtlz_batch *bt,
+		    const mtlz_loss_opts *o, mtlz_losses *loss, REAL *grad, REAL *dx,
+		    REAL *logits_out, REAL *metal_out, char *errstr, size_t errstr_size)
+{
+	const mtlz_arch *a = &t->a;
+	const int B = bt->n, K = a->n_classes, C = t->c_last;
+
+	if (B < 1 || B > t->max_batch)
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_INVALID,
+				"batch of %d (1..%d)", B, t->max_batch);
+	openblas_set_num_threads(t->n_threads);
+	omp_set_num_threads(t->n_threads);
+	/* ---- forward ---- */
+#ifdef TRUNK_NLC
+	if (t->nlc && xf)
+		mtlz_nlc_forward(t->nlc, t->p, xf, B, t->gap);
+	else
+#endif
+		FN(trunk_fwd)(t, xf, xd, B);
+	/* attention, feature */
 	if (t->att_hidden) {
 		const int H = t->att_hidden;
 
@@ -602,45 +695,11 @@ static int FN(step)(struct TR *t, const float *xf, const double *xd, const mtlz_
 	} else {
 		memcpy(t->dg, t->dfeat, (size_t)B * C * sizeof(REAL));
 	}
-	/* GAP: d map = dg / Lf, into g0 as [C][B][Lf] */
-	for (int ch = 0; ch < C; ch++)
-		for (int b = 0; b < B; b++)
-			for (int l = 0; l < Lf; l++)
-				t->g0[((size_t)ch * B + b) * Lf + l] = t->dg[(size_t)b * C + ch] / Lf;
-	for (int blk = nb - 1; blk >= 0; blk--) {
-		const int c = a->channels[blk], lin = t->len[blk], cin = t->conv[2 * blk].cin;
-		const int l1 = t->lconv[blk][0], l2 = t->lconv[blk][1], lp = t->len[blk + 1];
-		REAL *dpool = t->g0, *dy2 = t->g1, *dr1 = t->tmp;
-
-		/* max-pool and the second ReLU: the gradient goes to the argmax,
-		 * where the conv2 output equals the pooled value */
-		memset(dy2, 0, (size_t)c * B * l2 * sizeof(REAL));
-#pragma omp parallel for collapse(2) schedule(static)
-		for (int ch = 0; ch < c; ch++)
-			for (int b = 0; b < B; b++) {
-				const size_t r = (size_t)ch * B + b;
-
-				for (int j = 0; j < lp; j++)
-					if (t->in[blk + 1][r * lp + j] > 0)
-						dy2[r * l2 + t->idx[blk][r * lp + j]] += dpool[r * lp + j];
-			}
-		/* conv2: input r1 */
-		FN(im2col)(t->r1[blk], c, B, l1, k, pad, l2, t->col);
-		FN(conv_bwd)(t, 2 * blk + 1, t->col, dy2, B * l2, grad, t->col);
-		FN(col2im)(t->col, c, B, l1, k, pad, l2, dr1);
-		for (size_t q = 0; q < (size_t)c * B * l1; q++)
-			if (t->r1[blk][q] <= 0)
-				dr1[q] = 0;
-		/* conv1: input in[blk]; its gradient is the previous block's dpool */
-		FN(im2col)(t->in[blk], cin, B, lin, k, pad, l1, t->col);
-		if (blk > 0 || dx) {
-			FN(conv_bwd)(t, 2 * blk, t->col, dr1, B * l1, grad, t->col);
-			FN(col2im)(t->col, cin, B, lin, k, pad, l1, t->g0);
-		} else {
-			FN(conv_bwd)(t, 2 * blk, t->col, dr1, B * l1, grad, NULL);
-		}
-	}
-	if (dx)
-		memcpy(dx, t->g0, (size_t)B * t->len[0] * sizeof(REAL));
+#ifdef TRUNK_NLC
+	if (t->nlc && xf)
+		mtlz_nlc_backward(t->nlc, t->p, t->dg, B, grad, dx);
+	else
+#endif
+		FN(trunk_bwd)(t, B, grad, dx);
 	return MTLZ_OK;
 }
