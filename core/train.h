@@ -7,13 +7,16 @@
  *
  * The trainer keeps its own copy of the parameters (the model's tensors in
  * canonical order, packed in one array) that the optimiser updates; the
- * model is written back with mtlz_trainer_store(). Layout of activations:
- * [channels][batch][length], so that each convolution of a batch is one
- * GEMM over im2col columns (OpenBLAS, n_threads) and each gradient two.
+ * model is written back with mtlz_trainer_store().
  *
- * The same code is compiled for float (training) and for double (the
- * finite-difference gradient checks in tests/test_train.c): mtlz_trainer
- * and mtlz_trainer_d.
+ * The float trainer (mtlz_trainer) runs its convolutional trunk
+ * channels-last on the inference engine's micro-kernels, whole samples per
+ * thread (train_nlc.h). The double trainer (mtlz_trainer_d, the reference of
+ * the finite-difference gradient checks in tests/test_train.c) keeps the
+ * activations as [channels][batch][length], so that each convolution of a
+ * batch is one GEMM over im2col columns (OpenBLAS) and each gradient two;
+ * MTLZ_TRAIN_TRUNK=im2col gives the float trainer that trunk too. The rest
+ * of the passes is one source compiled for both types (train_impl.h).
  */
 #ifndef MTLZ_TRAIN_H
 #define MTLZ_TRAIN_H

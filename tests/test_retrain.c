@@ -5,8 +5,10 @@
  *     metallicity error clearly below the labels' spread;
  *   - stop (as SIGINT does) mid-epoch, resume from the checkpoint: the final
  *     parameters are bit-identical to an uninterrupted run;
- *   - the manifest lands in the model's metadata; a plain model is refused
- *     as a checkpoint.
+ *   - the manifest lands in the model's metadata (with the --init model's
+ *     SHA-256, the trainer's provenance line, and null test metrics when the
+ *     split leaves no test spectra); a plain model is refused as a
+ *     checkpoint.
  */
 #define _GNU_SOURCE
 #include "archive.h"
@@ -135,6 +137,51 @@ Test(retrain, a_short_run_learns)
 			 "%s/report/report.md", dir, dir);
 		cr_assert_eq(system(cmd), 0, "the report folder");
 	}
+	free(res);
+}
+
+/* --init and a split with no test part (0.75 / 0.25): the manifest names the
+ * init model by its SHA-256, the provenance is the trainer's own line, and
+ * the test metrics are null rather than a fake 0 */
+Test(retrain, manifest_names_the_init_model_and_has_no_fake_test_metrics)
+{
+	char out[160], hex[65];
+	char *data[1] = { archive };
+	mtlz_retrain_opts o;
+	mtlz_retrain_result *res = calloc(1, sizeof(*res));
+	mtlz_model *m;
+	const char *man, *prov;
+	json_error_t je;
+	json_t *j, *fin;
+
+	write_archive(80);
+	write_init();
+	cr_assert_eq(mtlz_sha256_file(init, hex, err, sizeof(err)), 0, "%s", err);
+	snprintf(out, sizeof(out), "%s/model.safetensors", dir);
+	opts(&o, data, out, 1);
+	o.frac_train = 0.75;
+	o.frac_val = 0.25;
+	cr_assert_eq(mtlz_retrain_run(&o, res, err, sizeof(err)), 0, "%s", err);
+	cr_assert_eq(res->n_test, 0);
+	cr_assert_eq(res->n_train + res->n_val, 80);
+	m = mtlz_model_load(out, err, sizeof(err));
+	cr_assert_not_null(m, "%s", err);
+	man = mtlz_model_meta(m, "mtlz.training");
+	cr_assert_not_null(man);
+	j = json_loads(man, 0, &je);
+	cr_assert_not_null(j, "manifest: %s", je.text);
+	cr_assert_str_eq(json_string_value(json_object_get(j, "init")), init);
+	cr_assert_str_eq(json_string_value(json_object_get(j, "init_sha256")), hex);
+	fin = json_object_get(j, "final");
+	cr_assert(json_is_object(fin), "manifest: %s", man);
+	cr_assert(json_is_null(json_object_get(fin, "test_accuracy")), "manifest: %s", man);
+	cr_assert(json_is_null(json_object_get(fin, "test_oh_sd")), "manifest: %s", man);
+	cr_assert_eq(json_integer_value(json_object_get(fin, "test_n")), 0);
+	json_decref(j);
+	prov = mtlz_model_meta(m, "mtlz.provenance");
+	cr_assert(prov && strncmp(prov, "trained by mtlz-retrain", 23) == 0 && strstr(prov, init),
+		  "provenance: %s", prov ? prov : "(none)");
+	mtlz_model_free(m);
 	free(res);
 }
 
