@@ -27,7 +27,8 @@ struct nlc_conv {
 	int dxw;                /* channels of the transposed convolution's output */
 	size_t ow, ob;          /* offsets in the packed parameters */
 	float *wp, *bp;         /* forward weights in panels, bias */
-	float *wt, *bt;         /* transposed-convolution weights in panels, zero bias */
+	float *wt, *bt;         /* transposed-convolution weights in panels, its bias */
+	float *bz;              /* [cin] zeros: the transposed convolution has no bias */
 	float *wflip;           /* [cin][cout][k] scratch for packing wt */
 };
 
@@ -69,6 +70,7 @@ void mtlz_nlc_free(mtlz_nlc *n)
 		free(n->cv[i].bp);
 		free(n->cv[i].wt);
 		free(n->cv[i].bt);
+		free(n->cv[i].bz);
 		free(n->cv[i].wflip);
 	}
 	for (int b = 0; b <= n->nb; b++)
@@ -136,8 +138,9 @@ mtlz_nlc *mtlz_nlc_new(const mtlz_arch *a, const size_t *ow, const size_t *ob, i
 			c->bp = falloc((size_t)c->cow);
 			c->wt = falloc((size_t)k * c->cow * c->dxw);
 			c->bt = falloc((size_t)c->dxw);
+			c->bz = falloc((size_t)c->cin);
 			c->wflip = falloc((size_t)k * c->cin * c->cout);
-			fail |= !c->wp || !c->bp || !c->wt || !c->bt || !c->wflip;
+			fail |= !c->wp || !c->bp || !c->wt || !c->bt || !c->bz || !c->wflip;
 		}
 		n->xin[b] = falloc((size_t)B * s1 * n->cw[b]);
 		n->r1[b] = falloc((size_t)B * (n->l1[b] + 2 * p) * cw);
@@ -181,8 +184,8 @@ const char *mtlz_nlc_describe(const mtlz_nlc *n)
 	return n->desc;
 }
 
-/* The weights of this step in panels: forward, and flipped + transposed
- * for the input gradient (w'[ci][co][j] = w[co][ci][k-1-j]). */
+/* The weights of this step in panels: for the forward pass, or flipped
+ * and transposed for the input gradient (w'[ci][co][j] = w[co][ci][k-1-j]). */
 static void pack_weights(mtlz_nlc *n, const float *p, int transposed)
 {
 	const int k = n->k;
@@ -191,15 +194,16 @@ static void pack_weights(mtlz_nlc *n, const float *p, int transposed)
 		struct nlc_conv *c = &n->cv[i];
 		const float *w = p + c->ow;
 
-		mtlz_pack_conv(w, p + c->ob, c->cout, c->cin, k, c->ciw, c->wp, c->bp);
-		if (!transposed)
+		if (!transposed) {
+			mtlz_pack_conv(w, p + c->ob, c->cout, c->cin, k, c->ciw, c->wp, c->bp);
 			continue;
+		}
 		for (int co = 0; co < c->cout; co++)
 			for (int ci = 0; ci < c->cin; ci++)
 				for (int j = 0; j < k; j++)
 					c->wflip[((size_t)ci * c->cout + co) * k + j] =
 						w[((size_t)co * c->cin + ci) * k + k - 1 - j];
-		mtlz_pack_conv(c->wflip, c->bt, c->cin, c->cout, k, c->cow, c->wt, c->bt);
+		mtlz_pack_conv(c->wflip, c->bz, c->cin, c->cout, k, c->cow, c->wt, c->bt);
 	}
 }
 

@@ -43,7 +43,8 @@ const char *mtlz_nlc_describe(const mtlz_nlc *n);
  * what the backward pass needs. */
 void mtlz_nlc_forward(mtlz_nlc *n, const float *p, const float *x, int B, float *gap);
 
-/* Backward from dg[B][C_last] (d loss / d gap) of the last forward:
+/* Backward from dg[B][C_last] (d loss / d gap) of the last forward, with
+ * the same parameters p:
  * adds the convolutions' gradients into grad (packed like p) and, when dx
  * is not NULL, writes d loss / d x into dx[B][input_length]. */
 void mtlz_nlc_backward(mtlz_nlc *n, const float *p, const float *dg, int B, float *grad,

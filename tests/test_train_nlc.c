@@ -4,8 +4,9 @@
  * test_train.c checks against central finite differences:
  *   - loss, every parameter tensor's gradient and the input gradient, for
  *     architectures that exercise the geometry: channel counts below, at and
- *     above 16, kernels of 3, 4 and 5 taps, padding 0..2, pools 1..3, with and
- *     without attention, a batch smaller than the trainer's maximum;
+ *     above 16 (up to 5 panels of 16), kernels of 1, 3, 4 and 5 taps, padding
+ *     0..2, pools 1..4, with and without attention, a batch smaller than
+ *     the trainer's maximum;
  *   - the portable kernels (MTLZ_CPU_ISA=generic) and the im2col trunk
  *     (MTLZ_TRAIN_TRUNK=im2col) the same way;
  *   - the same step twice gives bit-identical gradients (fixed thread
@@ -157,6 +158,8 @@ static const struct arch_case cases[] = {
 	{ 2, { 8, 16 }, 3, 0, 1, 1 },       /* no padding, no pooling */
 	{ 2, { 3, 17 }, 4, 1, 3, 1 },       /* even kernel: outputs shrink */
 	{ 2, { 6, 12 }, 3, 2, 2, 0 },       /* padding beyond 'same': outputs grow */
+	{ 2, { 80, 24 }, 1, 0, 4, 1 },      /* one tap, pool 4 leaving a remainder, 5 panels */
+	{ 3, { 20, 80, 40 }, 3, 1, 3, 1 },  /* several panels in and out */
 };
 
 Test(train_nlc, gradients_match_the_double_trainer)
