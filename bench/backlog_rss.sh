@@ -201,11 +201,7 @@ watermarks() {
 echo "# $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; N=$N partitions=$P engine=cpu" \
 	"threads=$T batch=64 mc=$MC; producer=$PRODUCER compression=$COMPRESSION${EXTRA:+; mtlzd $EXTRA}"
 
-$B/tools/mtlz-devbroker --partitions "$P" > "$work/broker.out" 2>/dev/null &
-pids+=($!)
-broker_pid=$!
-for _ in $(seq 100); do grep -q '^bootstrap=' "$work/broker.out" && break; sleep 0.1; done
-bootstrap=$(sed -n 's/^bootstrap=//p' "$work/broker.out")
+bench_broker "$P"
 
 t0=$(date +%s.%N)
 if [ "$PRODUCER" = replay ]; then

@@ -31,13 +31,6 @@ export MTLZ_SCHEMA_DIR="$PWD/schemas"
 bench_init
 files=(tests/data/spec-*.fits tests/data/coadd-*.fits)
 
-# sets $bootstrap (not in a subshell: cleanup must know the pid)
-start_broker() {
-	$B/tools/mtlz-devbroker --partitions 64 > "$work/broker$1.out" 2>/dev/null &
-	pids+=($!)
-	for _ in $(seq 100); do grep -q '^bootstrap=' "$work/broker$1.out" && break; sleep 0.1; done
-	bootstrap=$(sed -n 's/^bootstrap=//p' "$work/broker$1.out")
-}
 start_daemon() {
 	$B/daemon/mtlzd --config etc/mtlzd.yaml --set kafka.brokers="$1" --set model.path="$model" \
 		--set engine.kind="$ENGINE" --set engine.threads="$T" --set engine.mc_samples="$MC" --set batch.max_size=64 \
@@ -54,11 +47,10 @@ engine=$($B/tools/mtlz bench -m "$model" --engine "$ENGINE" --threads "$T" --bat
 echo "$engine"
 engine_rate=$(echo "$engine" | sed 's/.*: \([0-9.]*\) spectra\/s/\1/')
 
-start_broker 1
+bench_broker 64 1
 b1=$bootstrap
 $B/tools/mtlz-replay --brokers "$b1" --topic spectra --loop --count "$N" "${files[@]}" \
 	> "$work/replay.log" 2>&1 || { cat "$work/replay.log"; exit 1; }
-broker_pid=${pids[-1]}
 broker_cpu0=$(cpu_s "$broker_pid")
 start_daemon "$b1" 1
 tp=$($B/tools/mtlz consume --brokers "$b1" --count "$N" --timeout 30 --stats 2>"$work/consume1.log") || true
@@ -71,7 +63,7 @@ echo "daemon peak RSS: $(sed -n 's/^VmHWM: *//p' /proc/"${pids[-1]}"/status)"
 kill -TERM "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true; unset 'pids[-1]'
 echo "daemon time split: $(grep 'event=status' "$work/mtlzd1.log" | tail -1 | grep -o 'consume_busy_ms.*')"
 
-start_broker 2
+bench_broker 64 2
 b2=$bootstrap
 start_daemon "$b2" 2
 sleep 8   # group join on the mock cluster takes a few seconds

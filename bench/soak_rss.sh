@@ -27,10 +27,7 @@ export MTLZ_SCHEMA_DIR="$PWD/schemas"
 bench_init
 files=(tests/data/spec-*.fits tests/data/coadd-*.fits)
 
-$B/tools/mtlz-devbroker --partitions 16 > "$work/broker.out" 2>/dev/null &
-pids+=($!)
-for _ in $(seq 100); do grep -q '^bootstrap=' "$work/broker.out" && break; sleep 0.1; done
-bootstrap=$(sed -n 's/^bootstrap=//p' "$work/broker.out")
+bench_broker 16
 $B/daemon/mtlzd --config etc/mtlzd.yaml --set kafka.brokers="$bootstrap" \
 	--set model.path="$model" --set engine.kind=cpu --set engine.threads="$T" \
 	--set engine.mc_samples="$MC" --set batch.max_size=64 --set batch.max_delay_ms=50 \
