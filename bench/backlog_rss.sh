@@ -66,11 +66,9 @@ PRODUCER=${PRODUCER:-bulk}
 COMPRESSION=${COMPRESSION:-none}
 MAX_S=${MAX_S:-3600}
 STALL_S=${STALL_S:-120}
-[ -x $B/daemon/mtlzd ] || { tools/install-deps.sh && tools/build.sh build; }
 command -v kcat >/dev/null || { echo "needs kcat (apt-get install kcat)" >&2; exit 2; }
 /usr/bin/python3 -c 'import avro' 2>/dev/null ||
 	{ echo "needs python3-avro (apt-get install python3-avro)" >&2; exit 2; }
-export MTLZ_SCHEMA_DIR="$PWD/schemas"
 . bench/lib.sh
 bench_init
 

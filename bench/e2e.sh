@@ -25,11 +25,8 @@ MC=${3:-100}
 RATE=${4:-200}
 B=${B:-build}
 ENGINE=${ENGINE:-cpu}
-[ -x $B/daemon/mtlzd ] || { tools/install-deps.sh && tools/build.sh build; }
-export MTLZ_SCHEMA_DIR="$PWD/schemas"
 . bench/lib.sh
 bench_init
-files=(tests/data/spec-*.fits tests/data/coadd-*.fits)
 
 start_daemon() {
 	$B/daemon/mtlzd --config etc/mtlzd.yaml --set kafka.brokers="$1" --set model.path="$model" \

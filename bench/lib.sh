@@ -1,5 +1,7 @@
-# bench/lib.sh - sourced by bench/e2e.sh and bench/backlog_rss.sh (bash):
-# bench_init makes a temporary folder $work, an empty list $pids of
+# bench/lib.sh - sourced by bench/e2e.sh, bench/backlog_rss.sh and bench/soak_rss.sh (bash):
+# bench_init builds the tree into build/ when $B has no daemon yet, exports
+# MTLZ_SCHEMA_DIR, lists the bundled real spectra in $files, and makes a
+# temporary folder $work, an empty list $pids of
 # background processes (a script appends what it starts) that are stopped
 # in reverse order at exit (daemons before their brokers) before $work is
 # removed, and a random untrained model $model (needs $B, the build folder).
@@ -13,6 +15,9 @@ bench_cleanup() {
 }
 
 bench_init() {
+	[ -x "$B/daemon/mtlzd" ] || { tools/install-deps.sh && tools/build.sh build; }
+	export MTLZ_SCHEMA_DIR="$PWD/schemas"
+	files=(tests/data/spec-*.fits tests/data/coadd-*.fits)   # the bundled real spectra
 	work=$(mktemp -d)
 	pids=()
 	trap bench_cleanup EXIT

@@ -21,11 +21,8 @@ T=${3:-$(nproc)}
 MC=${4:-10}
 IV=${5:-10}
 B=${B:-build}
-[ -x $B/daemon/mtlzd ] || { tools/install-deps.sh && tools/build.sh build; }
-export MTLZ_SCHEMA_DIR="$PWD/schemas"
 . bench/lib.sh
 bench_init
-files=(tests/data/spec-*.fits tests/data/coadd-*.fits)
 
 bench_broker 16
 $B/daemon/mtlzd --config etc/mtlzd.yaml --set kafka.brokers="$bootstrap" \
