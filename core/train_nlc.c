@@ -39,7 +39,7 @@ struct nlc_thread {
 
 struct mtlz_nlc {
 	mtlz_arch a;
-	int isa, T, max_batch, nb, k, p, pool;
+	int isa, T, nb, k, p, pool;
 	int len[MTLZ_MAX_BLOCKS + 1], l1[MTLZ_MAX_BLOCKS], l2[MTLZ_MAX_BLOCKS];
 	int cw[MTLZ_MAX_BLOCKS + 1];   /* stored channels of block b's input */
 	struct nlc_conv cv[2 * MTLZ_MAX_BLOCKS];
@@ -109,7 +109,6 @@ mtlz_nlc *mtlz_nlc_new(const mtlz_arch *a, const size_t *ow, const size_t *ob, i
 	n->a = *a;
 	n->isa = mtlz_isa_detect();
 	n->T = n_threads > 0 ? n_threads : 1;
-	n->max_batch = B;
 	n->nb = a->n_blocks;
 	n->k = a->kernel;
 	n->p = a->padding;
