@@ -147,6 +147,22 @@ struct mtlzd_worker {
 	mtlz_prep_ws *ws;
 };
 
+/* Wakes librdkafka's fetcher when its prefetch queue runs low after being
+ * full (fetch_wake.c). */
+struct mtlzd_wake {
+	rd_kafka_t *rk;
+	rd_kafka_queue_t *q;          /* the consumer queue (its length) */
+	long queued_min_msgs, queued_max_kbytes;
+	double mean_len;              /* consume thread */
+	int armed;                    /* consume thread: the queue was high */
+	int started;
+	pthread_t thr;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	int pending, stop;            /* under lock */
+	atomic_uint_fast64_t wakes;   /* ListOffsets rounds sent */
+};
+
 struct mtlzd {
 	const mtlz_conf *conf;
 	rd_kafka_t *consumer, *producer;
@@ -182,6 +198,7 @@ struct mtlzd {
 
 	mtlz_offsets *tracker;
 	struct mtlzd_counters cnt;
+	struct mtlzd_wake wake;
 
 	/* exactly_once: next offset to read per partition after the last
 	 * committed transaction (or the first offset consumed since the
@@ -219,6 +236,13 @@ int mtlzd_run(struct mtlzd *d);
 void mtlzd_destroy(struct mtlzd *d);
 
 const char *mtlzd_reason_name(int r);
+
+/* fetch_wake.c. start: after the consumer is created (its configuration
+ * gives the queue limits); note: after each message the consume thread
+ * takes (msg_len: its size); stop: before the consumer is closed. */
+int mtlzd_wake_start(struct mtlzd_wake *w, rd_kafka_t *rk);
+void mtlzd_wake_note(struct mtlzd_wake *w, size_t msg_len);
+void mtlzd_wake_stop(struct mtlzd_wake *w);
 
 /* pipeline.c, shared with txn.c */
 int64_t mtlzd_now_us(void);  /* CLOCK_REALTIME, microseconds */

@@ -1040,6 +1040,8 @@ int mtlzd_start(struct mtlzd *d, const mtlz_conf *c, volatile sig_atomic_t *stop
 	if (!d->consumer)
 		return MTLZ_ERR_INVALID;
 	rd_kafka_poll_set_consumer(d->consumer);
+	if (mtlzd_wake_start(&d->wake, d->consumer))
+		return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "cannot start threads");
 	sub = rd_kafka_topic_partition_list_new(1);
 	rd_kafka_topic_partition_list_add(sub, c->topics_input, RD_KAFKA_PARTITION_UA);
 	err = rd_kafka_subscribe(d->consumer, sub);
@@ -1111,12 +1113,14 @@ static void report_status(struct mtlzd *d, double dt, uint64_t *last_results)
 	*last_results = res;
 	mtlz_log(MTLZ_LOG_INFO, "event=status rate=%.1f consumed=%" PRIu64 " results=%" PRIu64
 		 " dead_letter=%" PRIu64 " batches=%" PRIu64 " lag=%" PRId64 " unread_partitions=%d"
-		 " consume_busy_ms=%" PRIu64 " engine_busy_ms=%" PRIu64 " publish_busy_ms=%" PRIu64,
+		 " consume_busy_ms=%" PRIu64 " engine_busy_ms=%" PRIu64 " publish_busy_ms=%" PRIu64
+		 " fetch_wakes=%" PRIu64,
 		 rate, (uint64_t)atomic_load(&d->cnt.consumed), res, dlq,
 		 (uint64_t)atomic_load(&d->cnt.batches), lag, unread,
 		 (uint64_t)atomic_load(&d->cnt.consume_busy_us) / 1000,
 		 (uint64_t)atomic_load(&d->cnt.engine_busy_us) / 1000,
-		 (uint64_t)atomic_load(&d->cnt.publish_busy_us) / 1000);
+		 (uint64_t)atomic_load(&d->cnt.publish_busy_us) / 1000,
+		 (uint64_t)atomic_load(&d->wake.wakes));
 	if (d->eos)
 		mtlz_log(MTLZ_LOG_INFO, "event=txn_status transactions=%" PRIu64 " aborted=%" PRIu64
 			 " rewinds=%" PRIu64, (uint64_t)atomic_load(&d->cnt.txn_committed),
@@ -1151,6 +1155,7 @@ int mtlzd_run(struct mtlzd *d)
 		}
 		m = rd_kafka_consumer_poll(d->consumer, timeout);
 		if (m && !m->err) {
+			mtlzd_wake_note(&d->wake, m->len);
 			handle_message(d, m);  /* takes m over */
 		} else if (m) {
 			if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF)
@@ -1193,6 +1198,7 @@ int mtlzd_run(struct mtlzd *d)
 	workers_stop(d);
 	if (d->open_slot >= 0)
 		mtlzd_slot_release(&d->slots[d->open_slot]);
+	mtlzd_wake_stop(&d->wake);
 	rd_kafka_consumer_close(d->consumer);
 	report_status(d, 0, &last_results);
 	return atomic_load(&d->fatal) || rc ? 1 : 0;
@@ -1220,6 +1226,7 @@ void mtlzd_destroy(struct mtlzd *d)
 		rd_kafka_flush(d->producer, 5000);
 		rd_kafka_destroy(d->producer);
 	}
+	mtlzd_wake_stop(&d->wake);
 	if (d->consumer)
 		rd_kafka_destroy(d->consumer);
 	for (int i = 0; i < MTLZD_SLOTS; i++) {
