@@ -101,7 +101,16 @@ double mtlz_rng_uniform(mtlz_rng *r)
 void mtlz_omp_passive(char **argv)
 {
 	if (!getenv("OMP_WAIT_POLICY")) {
+		char self[4096];
+		const ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+
 		setenv("OMP_WAIT_POLICY", "passive", 1);
+		/* by its real path: the process name (ps, pgrep, the journal)
+		 * stays the program's, not "exe" */
+		if (n > 0) {
+			self[n] = '\0';
+			execv(self, argv);
+		}
 		execv("/proc/self/exe", argv);
 		/* if exec fails, run on with the default policy */
 	}

@@ -321,8 +321,10 @@ static int read_results(int want, int idle, int *distinct)
 
 Test(daemon, n_spectra_in_exactly_n_results_out)
 {
+	char comm_path[64], comm[32];
 	pid_t d;
 	int distinct, n, total, stamped;
+	FILE *f;
 
 	unsetenv("JOURNAL_STREAM");   /* not the journal: log.timestamps auto = on */
 	d = start_daemon("mtlzd", NULL, NULL);
@@ -330,6 +332,14 @@ Test(daemon, n_spectra_in_exactly_n_results_out)
 	n = read_results(41, 8, &distinct);
 	cr_assert_eq(n, 40, "results: %d (see %s)", n, dir);
 	cr_assert_eq(distinct, 40);
+	/* re-executed for OMP_WAIT_POLICY, it is still "mtlzd" to ps,
+	 * pgrep and the journal */
+	snprintf(comm_path, sizeof(comm_path), "/proc/%d/comm", (int)d);
+	f = fopen(comm_path, "r");
+	cr_assert_not_null(f);
+	cr_assert_not_null(fgets(comm, sizeof(comm), f));
+	fclose(f);
+	cr_assert_str_eq(comm, "mtlzd\n");
 	kill(d, SIGTERM);
 	cr_assert_eq(wait_exit(d, 60), 0, "clean stop exits 0");
 	stamped_lines("mtlzd", &total, &stamped);
