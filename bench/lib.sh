@@ -29,7 +29,7 @@ bench_init() {
 # topic; sets $bootstrap (HOST:PORT) and $broker_pid. Not in a subshell:
 # the cleanup must know the pid.
 bench_broker() {
-	"$B/tools/mtlz-devbroker" --partitions "$1" > "$work/broker${2:-}.out" 2>/dev/null &
+	${INFRA_NICE:+nice -n "$INFRA_NICE"} "$B/tools/mtlz-devbroker" --partitions "$1" > "$work/broker${2:-}.out" 2>/dev/null &
 	broker_pid=$!
 	pids+=($broker_pid)
 	for _ in $(seq 100); do grep -q '^bootstrap=' "$work/broker${2:-}.out" && break; sleep 0.1; done

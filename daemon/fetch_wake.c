@@ -78,7 +78,7 @@ static void wake_fetchers(struct mtlzd_wake *w)
 	if (a->cnt > 0) {
 		for (int i = 0; i < a->cnt; i++)
 			a->elems[i].offset = -1; /* the latest offset: any answer does */
-		err = rd_kafka_offsets_for_times(w->rk, a, 5000);
+		err = rd_kafka_offsets_for_times(w->rk, a, 1000); /* a stop waits for it */
 		atomic_fetch_add(&w->wakes, 1);
 		if (err)
 			mtlz_log(MTLZ_LOG_DEBUG, "event=fetch_wake_failed error=\"%s\"",
