@@ -7,9 +7,10 @@
  * thread wakes: on an op, on socket IO, or after a fixed second
  * (librdkafka issue #2879; 2.3 added fetch.queue.backoff.ms for it). While
  * mtlzd drains a backlog the queue is always full, so every fill is
- * followed by a stall: the daemon empties 32 MB of spectra in ~0.45 s and
- * then waits the rest of the second with nothing to read (measured:
- * 0.2-0.8 s gaps, the engine idle ~20 % of the drain; docs/daemon.md).
+ * followed by a stall: the daemon empties 32 MB (778 of the bundled
+ * spectra) in ~0.6 s and then waits out the rest of the second with
+ * nothing to read (measured: three waits of 167-205 ms in a drain of
+ * 4,000, ~15 % of it; docs/daemon.md).
  *
  * The cure is an op on the broker threads once the queue has run low
  * after being full: a ListOffsets request (rd_kafka_offsets_for_times for
