@@ -7,11 +7,19 @@
  * directly, so there is no search and, between adjacent good pixels, no
  * division or transcendental (wavelengths are computed only across gaps).
  * Explicit grids: good nodes (wavelength, flux) and a merge-walk.
- * O(n_in + n_out) either way: 22-25k spectra/s per core (mtlz bench).
+ * O(n_in + n_out) either way: 22-26k spectra/s per core (mtlz bench).
+ * On CPUs with AVX2 the uniform grids take a vectorised path instead (see
+ * collect_uniform_avx2): 60-75k spectra/s per core, x2.3-3.2.
  */
 #define _GNU_SOURCE
 #include "preprocess.h"
 #include "common.h"
+#include "kernels_cpu.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define PREP_HAVE_AVX2 1
+#endif
 
 #include <math.h>
 #include <stdarg.h>
@@ -24,7 +32,10 @@ struct mtlz_prep_ws {
 	float *gf;    /* good-node fluxes */
 	int32_t *gi;  /* good-node pixel indices (uniform grids) */
 	int32_t *rank;/* per input pixel: index of the last good node at or before it */
+	int32_t *ok;  /* AVX2 path: per input pixel -1 if good, else 0 */
+	int32_t *runs;/* AVX2 path: interior runs of bad pixels, (first, last) pairs */
 	size_t cap;
+	int isa;      /* MTLZ_ISA_*: which uniform-grid implementation runs */
 	/* log10 of the output wavelengths, for log-linear inputs; cached per grid */
 	double *logw;
 	mtlz_grid logw_grid;
@@ -44,7 +55,23 @@ void mtlz_prep_opts_default(mtlz_prep_opts *o)
 
 mtlz_prep_ws *mtlz_prep_ws_new(void)
 {
-	return calloc(1, sizeof(mtlz_prep_ws));
+	mtlz_prep_ws *ws = calloc(1, sizeof(mtlz_prep_ws));
+
+	if (ws)
+		mtlz_prep_ws_set_isa(ws, mtlz_isa_detect());
+	return ws;
+}
+
+int mtlz_prep_ws_set_isa(mtlz_prep_ws *ws, int isa)
+{
+#ifdef PREP_HAVE_AVX2
+	ws->isa = isa == MTLZ_ISA_AVX2 && mtlz_isa_detect() == MTLZ_ISA_AVX2 ?
+		  MTLZ_ISA_AVX2 : MTLZ_ISA_GENERIC;
+#else
+	(void)isa;
+	ws->isa = MTLZ_ISA_GENERIC;
+#endif
+	return ws->isa;
 }
 
 void mtlz_prep_ws_free(mtlz_prep_ws *ws)
@@ -55,6 +82,8 @@ void mtlz_prep_ws_free(mtlz_prep_ws *ws)
 	free(ws->gf);
 	free(ws->rank);
 	free(ws->gi);
+	free(ws->ok);
+	free(ws->runs);
 	free(ws->logw);
 	free(ws);
 }
@@ -83,6 +112,14 @@ static int ws_reserve(mtlz_prep_ws *ws, size_t n)
 	if (!rank)
 		return MTLZ_ERR_NOMEM;
 	ws->gi = rank;
+	rank = realloc(ws->ok, n * sizeof(*rank));
+	if (!rank)
+		return MTLZ_ERR_NOMEM;
+	ws->ok = rank;
+	rank = realloc(ws->runs, (n + 1) * sizeof(*rank)); /* (n + 1) / 2 runs at most */
+	if (!rank)
+		return MTLZ_ERR_NOMEM;
+	ws->runs = rank;
 	ws->cap = n;
 	return MTLZ_OK;
 }
@@ -331,6 +368,167 @@ static void collect_uniform(const mtlz_spectrum *s, const mtlz_prep_opts *o,
 	}
 }
 
+#ifdef PREP_HAVE_AVX2
+/*
+ * The AVX2 path for uniform grids. Instead of compacting the good pixels
+ * (a serial loop), it keeps a per-pixel good flag, ws->ok, and the list of
+ * interior runs of bad pixels, ws->runs. An output whose pixel coordinate x
+ * falls between two adjacent good pixels (the common case) is interpolated
+ * four at a time from two gathers, (ok[i], ok[i + 1]) and (flux[i],
+ * flux[i + 1]) with i = floor(x), in the same arithmetic as the scalar
+ * path; the rest (ends held, gaps) go through interp_one(). The results
+ * match the generic path to rounding (tests/test_preprocess.c checks both
+ * against each other and against a brute-force reference).
+ */
+__attribute__((target("avx2,fma")))
+static long good_flags_avx2(const float *flux, const float *ivar, const uint32_t *mask,
+			    uint32_t bits, long n, int32_t *ok, int *nonfinite)
+{
+	const __m256i absm = _mm256_set1_epi32(0x7fffffff);
+	const __m256i inf = _mm256_set1_epi32(0x7f800000);
+	const __m256i zero = _mm256_setzero_si256(), vbits = _mm256_set1_epi32((int)bits);
+	__m256i fin_all = _mm256_set1_epi32(-1), cnt = zero;
+	long i = 0, g;
+	int nf = 0;
+
+	for (; i + 8 <= n; i += 8) {
+		const __m256i f = _mm256_loadu_si256((const __m256i *)(flux + i));
+		/* finite: |bits| below those of infinity (NaNs are above) */
+		__m256i good = _mm256_cmpgt_epi32(inf, _mm256_and_si256(f, absm));
+
+		fin_all = _mm256_and_si256(fin_all, good);
+		if (ivar) {
+			const __m256i v = _mm256_loadu_si256((const __m256i *)(ivar + i));
+			const __m256i vfin = _mm256_cmpgt_epi32(inf, _mm256_and_si256(v, absm));
+
+			fin_all = _mm256_and_si256(fin_all, vfin);
+			/* a finite float is > 0 exactly when its bits are > 0 as int */
+			good = _mm256_and_si256(good, _mm256_and_si256(vfin, _mm256_cmpgt_epi32(v, zero)));
+		}
+		if (mask) {
+			const __m256i m = _mm256_loadu_si256((const __m256i *)(mask + i));
+
+			good = _mm256_and_si256(good, _mm256_cmpeq_epi32(_mm256_and_si256(m, vbits), zero));
+		}
+		_mm256_storeu_si256((__m256i *)(ok + i), good);
+		cnt = _mm256_sub_epi32(cnt, good);
+	}
+	nf = _mm256_movemask_epi8(fin_all) != -1;
+	{
+		int32_t c[8];
+
+		_mm256_storeu_si256((__m256i *)c, cnt);
+		g = (long)c[0] + c[1] + c[2] + c[3] + c[4] + c[5] + c[6] + c[7];
+	}
+	for (; i < n; i++) {
+		const int fin = isfinite(flux[i]) != 0;
+		int good = fin;
+
+		nf |= !fin;
+		if (ivar) {
+			const int vfin = isfinite(ivar[i]) != 0;
+
+			nf |= !vfin;
+			good &= vfin & (ivar[i] > 0.0f);
+		}
+		if (mask)
+			good &= (mask[i] & bits) == 0;
+		ok[i] = -good;
+		g += good;
+	}
+	*nonfinite = nf;
+	return g;
+}
+
+/* Good pixels in [lo, hi]. */
+__attribute__((target("avx2,fma")))
+static long count_good_avx2(const int32_t *ok, long lo, long hi)
+{
+	long g = 0;
+
+	for (long i = lo; i <= hi; i++)
+		g -= ok[i];
+	return g;
+}
+
+/* Fills ws->runs with the (first, last) bad pixel of every run strictly
+ * between the first good pixel F and the last, L; returns how many. Whole
+ * blocks of 8 good pixels are skipped with one compare. */
+__attribute__((target("avx2,fma")))
+static long find_runs_avx2(const int32_t *ok, long F, long L, int32_t *runs)
+{
+	long r = 0, i = F + 1;
+
+	while (i < L) {
+		if (i + 8 <= L &&
+		    _mm256_movemask_ps(_mm256_castsi256_ps(
+			    _mm256_loadu_si256((const __m256i *)(ok + i)))) == 0xff) {
+			i += 8;
+			continue;
+		}
+		if (ok[i]) {
+			i++;
+			continue;
+		}
+		runs[2 * r] = (int32_t)i;
+		while (!ok[i]) /* ends: ok[L] is good */
+			i++;
+		runs[2 * r + 1] = (int32_t)(i - 1);
+		r++;
+	}
+	return r;
+}
+
+static void collect_uniform_avx2(const mtlz_spectrum *s, const mtlz_prep_opts *o,
+				 mtlz_prep_ws *ws, double lo, double hi, struct nodes *nd,
+				 long *F, long *L, long *n_runs)
+{
+	const long n = (long)s->n;
+	const int32_t *ok = ws->ok;
+	long g, ilo, ihi, f, l;
+	int nf = 0;
+
+	g = good_flags_avx2(s->flux, s->ivar, o->and_mask_bits ? s->and_mask : NULL,
+			    o->and_mask_bits, n, ws->ok, &nf);
+	nd->n_good = (size_t)g;
+	nd->nonfinite = nf;
+	ilo = (long)ceil(pixel_of(s, lo, log10(lo)) - 1e-9);
+	ihi = (long)floor(pixel_of(s, hi, log10(hi)) + 1e-9);
+	ilo = MTLZ_MAX(ilo, 0);
+	ihi = MTLZ_MIN(ihi, n - 1);
+	if (ihi >= ilo) {
+		nd->n_in = (size_t)(ihi - ilo + 1);
+		nd->n_bad = nd->n_in - (size_t)count_good_avx2(ok, ilo, ihi);
+	}
+	*n_runs = 0;
+	if (!g)
+		return;
+	for (f = 0; !ok[f]; f++)
+		;
+	for (l = n - 1; !ok[l]; l--)
+		;
+	*F = f;
+	*L = l;
+	nd->first_w = wave_of(s, f);
+	nd->last_w = wave_of(s, l);
+	*n_runs = g == l - f + 1 ? 0 : find_runs_avx2(ok, f, l, ws->runs);
+	/* the widest gap between good nodes: as collect_uniform, the first
+	 * pair (regular spacing, measured once) and every run of bad pixels */
+	if (l > f && ok[f + 1]) { /* else a run starts at f + 1 */
+		const double a = MTLZ_MAX(wave_of(s, f), lo), b = MTLZ_MIN(wave_of(s, f + 1), hi);
+
+		nd->max_gap = MTLZ_MAX(nd->max_gap, b - a);
+	}
+	for (long r = 0; r < *n_runs; r++) {
+		const double a = MTLZ_MAX(wave_of(s, ws->runs[2 * r] - 1), lo);
+		const double b = MTLZ_MIN(wave_of(s, ws->runs[2 * r + 1] + 1), hi);
+
+		if (b - a > nd->max_gap)
+			nd->max_gap = b - a;
+	}
+}
+#endif /* PREP_HAVE_AVX2 */
+
 static int grid_ok(const mtlz_spectrum *s)
 {
 	if (s->n < 2 || !s->flux)
@@ -452,6 +650,158 @@ static double interp_uniform(const mtlz_spectrum *s, const mtlz_prep_ws *ws,
 	return sum;
 }
 
+#ifdef PREP_HAVE_AVX2
+/* Output at pixel coordinate x (wavelength w), one at a time: between two
+ * adjacent good pixels as interp_uniform; before the first good pixel F or
+ * from the last, L, on, the end is held; otherwise x lies across a run of
+ * bad pixels, found by bisection, and the weight is linear in wavelength. */
+static double interp_one(const mtlz_spectrum *s, const mtlz_prep_ws *ws, long F, long L,
+			 long n_runs, double x, double w)
+{
+	const int32_t *runs = ws->runs;
+	const float *fl = s->flux;
+	long i, lo = 0, hi = n_runs - 1, a, b;
+	double wa, wb;
+
+	if (x < (double)F)
+		return fl[F];
+	i = (long)x;
+	if (i >= L)
+		return fl[L];
+	if (ws->ok[i] && ws->ok[i + 1]) {
+		const double d = x - (double)i, al = s->step * 2.302585092994045684;
+		const double u = d * al;
+		const double t = s->grid_kind == MTLZ_GRID_LINEAR ? d :
+				 u * (1.0 + u * (0.5 + u * (1.0 / 6.0))) * (1.0 / expm1(al));
+
+		return fl[i] + t * ((double)fl[i + 1] - fl[i]);
+	}
+	/* the last run starting at or before i + 1: the one holding i, or,
+	 * when i is good, the one starting at i + 1 */
+	while (lo < hi) {
+		const long mid = (lo + hi + 1) / 2;
+
+		if (runs[2 * mid] <= i + 1)
+			lo = mid;
+		else
+			hi = mid - 1;
+	}
+	if (n_runs == 0) /* not reached: [F, L] without a run is all good */
+		return fl[i];
+	a = runs[2 * lo] - 1;
+	b = runs[2 * lo + 1] + 1;
+	wa = wave_of(s, a);
+	wb = wave_of(s, b);
+	return fl[a] + (w - wa) / (wb - wa) * ((double)fl[b] - fl[a]);
+}
+
+__attribute__((target("avx2,fma")))
+static double interp_uniform_avx2(const mtlz_spectrum *s, const mtlz_prep_ws *ws, long F,
+				  long L, long n_runs, double w0, double dw, int n_out,
+				  float *out)
+{
+	const int lin = s->grid_kind == MTLZ_GRID_LINEAR;
+	const double inv = 1.0 / s->step;
+	const double al = s->step * 2.302585092994045684, inv_c = 1.0 / expm1(al);
+	const __m256d vinv = _mm256_set1_pd(inv), vstart = _mm256_set1_pd(s->start);
+	const __m256d vw0 = _mm256_set1_pd(w0), vdw = _mm256_set1_pd(dw);
+	const __m256d vF = _mm256_set1_pd((double)F), vL = _mm256_set1_pd((double)L);
+	/* n >= 2: i <= n - 2, so the pair gathers read flux[0..n-1] and ok[0..n-1] */
+	const __m256d vmax = _mm256_set1_pd((double)(s->n - 2)), vzero = _mm256_setzero_pd();
+	const __m256d val = _mm256_set1_pd(al), vinvc = _mm256_set1_pd(inv_c);
+	const __m256d one = _mm256_set1_pd(1.0), half = _mm256_set1_pd(0.5);
+	const __m256d sixth = _mm256_set1_pd(1.0 / 6.0);
+	const __m256d step4 = _mm256_set_pd(3.0, 2.0, 1.0, 0.0);
+	const __m256i deint = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+	const long n = (long)s->n;
+	const long long *okp = (const long long *)(const void *)ws->ok;
+	const long long *flp = (const long long *)(const void *)s->flux;
+	__m256d vsum = _mm256_setzero_pd();
+	double sum = 0.0, part[4];
+	int j = 0;
+
+	for (; j + 4 <= n_out; j += 4) {
+		const __m256d w = _mm256_add_pd(vw0, _mm256_mul_pd(
+			_mm256_add_pd(_mm256_set1_pd((double)j), step4), vdw));
+		const __m256d x = _mm256_mul_pd(
+			_mm256_sub_pd(lin ? w : _mm256_loadu_pd(ws->logw + j), vstart), vinv);
+		/* clamped so that the gathers stay inside the arrays; where x is
+		 * in [n - 2, n - 1) the clamp leaves i = floor(x) as it is */
+		const __m256d xc = _mm256_min_pd(_mm256_max_pd(x, vzero), vmax);
+		const __m128i i = _mm256_cvttpd_epi32(xc);
+		const int i0 = _mm_cvtsi128_si32(i);
+		__m256d fast, d, t, fa, fb, f;
+		__m256i okpair;
+		int m;
+
+		if (_mm_extract_epi32(i, 3) - i0 <= 6 && i0 + 8 <= n) {
+			/* x is increasing: the four pairs lie in the 8 pixels from
+			 * i0, so two loads and permutes do what gathers would */
+			const __m128i li = _mm_sub_epi32(i, _mm_set1_epi32(i0));
+			const __m256i la = _mm256_castsi128_si256(li);
+			const __m256i lb = _mm256_castsi128_si256(_mm_add_epi32(li, _mm_set1_epi32(1)));
+			const __m256 f8 = _mm256_loadu_ps(s->flux + i0);
+			const __m256i o8 = _mm256_loadu_si256((const __m256i *)(ws->ok + i0));
+
+			fa = _mm256_cvtps_pd(_mm256_castps256_ps128(_mm256_permutevar8x32_ps(f8, la)));
+			fb = _mm256_cvtps_pd(_mm256_castps256_ps128(_mm256_permutevar8x32_ps(f8, lb)));
+			okpair = _mm256_cvtepi32_epi64(_mm_and_si128(
+				_mm256_castsi256_si128(_mm256_permutevar8x32_epi32(o8, la)),
+				_mm256_castsi256_si128(_mm256_permutevar8x32_epi32(o8, lb))));
+		} else {
+			/* (ok[i], ok[i + 1]) and (flux[i], flux[i + 1]) as 64-bit gathers */
+			__m256 pair = _mm256_castsi256_ps(_mm256_i32gather_epi64(flp, i, 4));
+
+			pair = _mm256_permutevar8x32_ps(pair, deint);
+			fa = _mm256_cvtps_pd(_mm256_castps256_ps128(pair));
+			fb = _mm256_cvtps_pd(_mm256_extractf128_ps(pair, 1));
+			okpair = _mm256_i32gather_epi64(okp, i, 4);
+		}
+		/* both good (-1): a regular pair, unless outside [F, L) */
+		fast = _mm256_castsi256_pd(_mm256_cmpeq_epi64(okpair, _mm256_set1_epi64x(-1)));
+		fast = _mm256_and_pd(fast, _mm256_cmp_pd(x, vF, _CMP_GE_OQ));
+		fast = _mm256_and_pd(fast, _mm256_cmp_pd(x, vL, _CMP_LT_OQ));
+		m = _mm256_movemask_pd(fast);
+		d = _mm256_sub_pd(x, _mm256_cvtepi32_pd(i));
+		if (lin) {
+			t = d;
+		} else {
+			/* u (1 + u (1/2 + u / 6)) / expm1(al), as interp_uniform */
+			const __m256d u = _mm256_mul_pd(d, val);
+
+			t = _mm256_add_pd(half, _mm256_mul_pd(u, sixth));
+			t = _mm256_add_pd(one, _mm256_mul_pd(u, t));
+			t = _mm256_mul_pd(_mm256_mul_pd(u, t), vinvc);
+		}
+		f = _mm256_add_pd(fa, _mm256_mul_pd(t, _mm256_sub_pd(fb, fa)));
+		if (m != 0xf) {
+			double fv[4], xv[4], wv[4];
+
+			_mm256_storeu_pd(fv, f);
+			_mm256_storeu_pd(xv, x);
+			_mm256_storeu_pd(wv, w);
+			for (int k = 0; k < 4; k++)
+				if (!(m >> k & 1))
+					fv[k] = interp_one(s, ws, F, L, n_runs, xv[k], wv[k]);
+			f = _mm256_loadu_pd(fv);
+		}
+		_mm_storeu_ps(out + j, _mm256_cvtpd_ps(f));
+		vsum = _mm256_add_pd(vsum, f);
+	}
+	_mm256_storeu_pd(part, vsum);
+	sum = (part[0] + part[1]) + (part[2] + part[3]);
+	for (; j < n_out; j++) {
+		const double w = w0 + j * dw;
+		const double f = interp_one(s, ws, F, L, n_runs,
+					    ((lin ? w : ws->logw[j]) - s->start) * inv, w);
+
+		out[j] = (float)f;
+		sum += f;
+	}
+	return sum;
+}
+#endif /* PREP_HAVE_AVX2 */
+
 int mtlz_preprocess(const mtlz_spectrum *s, const mtlz_prep_opts *o,
 		    mtlz_prep_ws *ws, float *out, mtlz_prep_info *info,
 		    char *errstr, size_t errstr_size)
@@ -461,6 +811,13 @@ int mtlz_preprocess(const mtlz_spectrum *s, const mtlz_prep_opts *o,
 	const double w1 = w0 + (n_out - 1) * dw;
 	struct nodes nd = { 0 };
 	double sum = 0.0, lo, hi;
+	long F = 0, Lg = 0, n_runs = 0; /* AVX2 path: first, last good pixel; runs */
+#ifdef PREP_HAVE_AVX2
+	const int vec = ws->isa == MTLZ_ISA_AVX2 && s->grid_kind != MTLZ_GRID_EXPLICIT &&
+			s->n >= 2;
+#else
+	const int vec = 0;
+#endif
 
 	memset(info, 0, sizeof(*info));
 	if (s->zwarning > 0)
@@ -474,6 +831,11 @@ int mtlz_preprocess(const mtlz_spectrum *s, const mtlz_prep_opts *o,
 			      s->n, s->step);
 	if (ws_reserve(ws, s->n) != MTLZ_OK)
 		return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory");
+#ifdef PREP_HAVE_AVX2
+	if (vec)
+		collect_uniform_avx2(s, o, ws, w0, w1, &nd, &F, &Lg, &n_runs);
+	else
+#endif
 	if (s->grid_kind != MTLZ_GRID_EXPLICIT)
 		collect_uniform(s, o, ws, w0, w1, &nd);
 	else if (collect_explicit(s, o, ws, w0, w1, &nd) != MTLZ_OK)
@@ -519,7 +881,10 @@ int mtlz_preprocess(const mtlz_spectrum *s, const mtlz_prep_opts *o,
 		sum = interp_walk(ws, nd.n_good, w0, dw, n_out, out);
 	else if (s->grid_kind == MTLZ_GRID_LINEAR ||
 		 ws_logw(ws, &o->grid, n_out) == MTLZ_OK)
-		sum = interp_uniform(s, ws, nd.n_good, w0, dw, n_out, out);
+#ifdef PREP_HAVE_AVX2
+		sum = vec ? interp_uniform_avx2(s, ws, F, Lg, n_runs, w0, dw, n_out, out) :
+#endif
+			    interp_uniform(s, ws, nd.n_good, w0, dw, n_out, out);
 	else
 		return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "out of memory");
 	info->mean_flux = sum / n_out;

@@ -70,6 +70,12 @@ typedef struct mtlz_prep_ws mtlz_prep_ws;
 void mtlz_prep_opts_default(mtlz_prep_opts *o);
 mtlz_prep_ws *mtlz_prep_ws_new(void);
 void mtlz_prep_ws_free(mtlz_prep_ws *ws);
+/* Which implementation ws runs on linear and log-linear grids: MTLZ_ISA_AVX2
+ * (vectorised; x86-64 builds on CPUs with AVX2 and FMA) or MTLZ_ISA_GENERIC
+ * (portable C), as in kernels_cpu.h. A new ws takes mtlz_isa_detect(); tests
+ * and `mtlz bench` set it to compare the two. Returns the one now in effect
+ * (GENERIC where AVX2 was asked for but cannot run). */
+int mtlz_prep_ws_set_isa(mtlz_prep_ws *ws, int isa);
 
 /* Preprocesses `s` into out[mtlz_grid_length(&o->grid)]. Returns MTLZ_OK, or
  * MTLZ_ERR_REJECT with info->reject set and errstr naming the spectrum and

@@ -7,6 +7,7 @@
  */
 #include "common.h"
 #include "fits_io.h"
+#include "kernels_cpu.h"
 #include "preprocess.h"
 
 #include <criterion/criterion.h>
@@ -357,10 +358,13 @@ Test(preprocess, real_fixtures_match_brute_force, .timeout = 120)
 	};
 	static float ref[L];
 
-	for (size_t f = 0; f < sizeof(files) / sizeof(files[0]); f++) {
+	/* each file through both implementations (AVX2 where the CPU has it) */
+	for (size_t run = 0; run < 2 * sizeof(files) / sizeof(files[0]); run++) {
+		const size_t f = run / 2;
 		char path[512], err[512];
 		mtlz_spectra sp = { 0 };
 
+		mtlz_prep_ws_set_isa(ws, run & 1 ? MTLZ_ISA_GENERIC : MTLZ_ISA_AVX2);
 		snprintf(path, sizeof(path), "%s/%s", MTLZ_TEST_DATA, files[f]);
 		cr_assert_eq(mtlz_fits_read(path, &sp, err, sizeof(err)), MTLZ_OK, "%s", err);
 		cr_assert_geq(sp.n, 1);
@@ -376,9 +380,153 @@ Test(preprocess, real_fixtures_match_brute_force, .timeout = 120)
 				mean += out[j];
 				maxd = fmax(maxd, fabs(out[j] - ref[j]) / fmax(1.0, fabs(ref[j])));
 			}
-			cr_assert_float_eq(mean / L, 1.0, 1e-5, "%s: mean %g", files[f], mean / L);
-			cr_assert_leq(maxd, 1e-5, "%s: max rel diff %g", files[f], maxd);
+			cr_assert_float_eq(mean / L, 1.0, 1e-5, "%s (%s): mean %g", files[f],
+					   run & 1 ? "generic" : "default", mean / L);
+			cr_assert_leq(maxd, 1e-5, "%s (%s): max rel diff %g", files[f],
+				      run & 1 ? "generic" : "default", maxd);
 		}
 		mtlz_spectra_free(&sp);
+	}
+}
+
+/* uniform integer in [0, n) */
+static uint32_t below(mtlz_rng *r, uint32_t n)
+{
+	return (uint32_t)(mtlz_rng_uniform(r) * n);
+}
+
+/* A random spectrum on a uniform grid with the bad pixels a survey has:
+ * scattered ones, runs of every length (at the ends too), non-finite flux
+ * and ivar, mask bits; sometimes coarse or very fine steps, sometimes only
+ * a few pixels. */
+static void random_uniform(mtlz_spectrum *s, mtlz_rng *r, uint32_t *bits)
+{
+	static const double lin_steps[] = { 0.1, 0.5, 0.8, 1.0, 2.5, 7.0, 900.0 };
+	static const double log_steps[] = { 1e-5, 5e-5, 1e-4, 3e-4, 0.05 };
+	const int log = mtlz_rng_uniform(r) < 0.5;
+	const double p_bad = (double[]){ 0.0, 0.001, 0.01, 0.05, 0.3 }[below(r, 5)];
+	double start, step, end = 9000.0 + 400.0 * (mtlz_rng_uniform(r) - 0.6);
+	size_t n;
+	int runs;
+
+	mtlz_spectrum_init(s);
+	if (log) {
+		step = log_steps[below(r, 5)];
+		start = log10(3700.0 + 300.0 * mtlz_rng_uniform(r));
+		n = (size_t)((log10(end) - start) / step) + 1;
+	} else {
+		step = lin_steps[below(r, 7)];
+		start = 3700.0 + 300.0 * mtlz_rng_uniform(r);
+		n = (size_t)((end - start) / step) + 1;
+	}
+	n = MTLZ_MAX(n, 2);
+	cr_assert_eq(mtlz_spectrum_alloc(s, n, 1, 1, 0), MTLZ_OK);
+	s->grid_kind = log ? MTLZ_GRID_LOGLAM : MTLZ_GRID_LINEAR;
+	s->start = start;
+	s->step = step;
+	for (size_t i = 0; i < n; i++) {
+		s->flux[i] = (float)(1.0 + 0.5 * sin((double)i / 37.0) + 0.4 * (mtlz_rng_uniform(r) - 0.5));
+		s->ivar[i] = mtlz_rng_uniform(r) < p_bad ? 0.0f : 1.0f;
+		s->and_mask[i] = mtlz_rng_uniform(r) < 0.02 ? 1u << below(r, 30) : 0;
+	}
+	runs = (int)below(r, 6);
+	for (int k = 0; k < runs; k++) {
+		const size_t len = 1 + below(r, (uint32_t)MTLZ_MIN(n, 600));
+		const size_t at = k == 0 ? 0 : k == 1 ? n - len :
+				  below(r, (uint32_t)(n - len + 1));
+
+		for (size_t i = at; i < at + len; i++)
+			s->ivar[i] = 0.0f;
+	}
+	if (mtlz_rng_uniform(r) < 0.2) {
+		s->flux[below(r, (uint32_t)n)] = NAN;
+		s->ivar[below(r, (uint32_t)n)] = INFINITY;
+		s->flux[below(r, (uint32_t)n)] = -INFINITY;
+	}
+	*bits = mtlz_rng_uniform(r) < 0.3 ? 0x00ff00ffu : 0;
+	snprintf(s->spec_id, sizeof(s->spec_id), "random-%s-%zu", log ? "log" : "lin", n);
+}
+
+/*
+ * The AVX2 path against the portable one on 600 random spectra: the same
+ * verdict, flags and quality numbers, and the same output to rounding (the
+ * AVX2 path sums in another order and may fuse multiply-adds).
+ */
+Test(preprocess, avx2_path_matches_generic_on_random_spectra, .timeout = 120)
+{
+	static float ref[L];
+	mtlz_prep_ws *wg = mtlz_prep_ws_new();
+	mtlz_rng r;
+	int n_ok = 0, n_rejected = 0;
+
+	if (mtlz_prep_ws_set_isa(ws, MTLZ_ISA_AVX2) != MTLZ_ISA_AVX2)
+		cr_skip_test("this CPU or build has no AVX2 path");
+	cr_assert_eq(mtlz_prep_ws_set_isa(wg, MTLZ_ISA_GENERIC), MTLZ_ISA_GENERIC);
+	mtlz_rng_seed(&r, 20261126);
+	for (int k = 0; k < 600; k++) {
+		mtlz_spectrum s;
+		mtlz_prep_info a, g;
+		char ea[256] = "", eg[256] = "";
+		int ra, rg;
+
+		random_uniform(&s, &r, &opts.and_mask_bits);
+		ra = mtlz_preprocess(&s, &opts, ws, out, &a, ea, sizeof(ea));
+		rg = mtlz_preprocess(&s, &opts, wg, ref, &g, eg, sizeof(eg));
+		cr_assert_eq(ra, rg, "%s: %d (%s) vs %d (%s)", s.spec_id, ra, ea, rg, eg);
+		cr_assert_str_eq(ea, eg);
+		cr_assert_eq(a.reject, g.reject, "%s", s.spec_id);
+		cr_assert_eq(a.flags, g.flags, "%s: flags %#x vs %#x", s.spec_id, a.flags, g.flags);
+		cr_assert_eq(a.bad_frac, g.bad_frac, "%s", s.spec_id);
+		cr_assert_eq(a.coverage, g.coverage, "%s", s.spec_id);
+		cr_assert_float_eq(a.max_gap, g.max_gap, 1e-9 * fmax(1.0, g.max_gap), "%s: %g vs %g",
+				   s.spec_id, a.max_gap, g.max_gap);
+		if (ra == MTLZ_OK) {
+			cr_assert_float_eq(a.mean_flux, g.mean_flux, 1e-12 * fabs(g.mean_flux),
+					   "%s", s.spec_id);
+			for (int j = 0; j < L; j++)
+				cr_assert_float_eq(out[j], ref[j], 1e-6 * fmax(1.0, fabs(ref[j])),
+						   "%s pixel %d: %.9g vs %.9g", s.spec_id, j,
+						   (double)out[j], (double)ref[j]);
+			n_ok++;
+		} else {
+			n_rejected++;
+		}
+		mtlz_spectrum_clear(&s);
+	}
+	opts.and_mask_bits = 0;
+	/* both kinds of outcome were exercised */
+	cr_assert_gt(n_ok, 200, "%d accepted", n_ok);
+	cr_assert_gt(n_rejected, 10, "%d rejected", n_rejected);
+	mtlz_prep_ws_free(wg);
+}
+
+/* The AVX2 path against brute force on random spectra small enough for it
+ * (no mask bits: brute_force knows only ivar and finiteness). */
+Test(preprocess, avx2_path_matches_brute_force_on_random_spectra, .timeout = 120)
+{
+	static float ref[L];
+	mtlz_rng r;
+	int tried = 0;
+
+	if (mtlz_prep_ws_set_isa(ws, MTLZ_ISA_AVX2) != MTLZ_ISA_AVX2)
+		cr_skip_test("this CPU or build has no AVX2 path");
+	mtlz_rng_seed(&r, 7);
+	while (tried < 40) {
+		mtlz_spectrum s;
+		mtlz_prep_info info;
+		uint32_t bits;
+		double maxd = 0;
+
+		random_uniform(&s, &r, &bits);
+		if (s.n > 12000 || mtlz_preprocess(&s, &opts, ws, out, &info, NULL, 0) != MTLZ_OK) {
+			mtlz_spectrum_clear(&s);
+			continue;
+		}
+		brute_force(&s, ref);
+		for (int j = 0; j < L; j++)
+			maxd = fmax(maxd, fabs(out[j] - ref[j]) / fmax(1.0, fabs(ref[j])));
+		cr_assert_leq(maxd, 1e-5, "%s: max rel diff %g", s.spec_id, maxd);
+		mtlz_spectrum_clear(&s);
+		tried++;
 	}
 }

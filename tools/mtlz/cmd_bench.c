@@ -139,38 +139,60 @@ static void synth_spectrum(mtlz_spectrum *s, int desi, mtlz_rng *r)
 	}
 }
 
-static void bench_preprocess(int threads, double seconds)
+/* Spectra a second through mtlz_preprocess with implementation isa. */
+static double prep_rate(int desi, int isa, int threads, double seconds)
 {
-	for (int desi = 0; desi < 2; desi++) {
-		long total = 0;
-		double t0 = mtlz_now(), t1;
+	long total = 0;
+	double t0 = mtlz_now();
 
 #pragma omp parallel num_threads(threads) reduction(+ : total)
-		{
-			mtlz_prep_opts po;
-			mtlz_prep_ws *ws = mtlz_prep_ws_new();
-			mtlz_spectrum s;
-			mtlz_prep_info info;
-			mtlz_rng r;
-			float *out;
+	{
+		mtlz_prep_opts po;
+		mtlz_prep_ws *ws = mtlz_prep_ws_new();
+		mtlz_spectrum s;
+		mtlz_prep_info info;
+		mtlz_rng r;
+		float *out;
 
-			mtlz_prep_opts_default(&po);
-			out = malloc((size_t)mtlz_grid_length(&po.grid) * sizeof(float));
-			mtlz_rng_seed(&r, (uint64_t)omp_get_thread_num() + 1);
-			synth_spectrum(&s, desi, &r);
-			while (mtlz_now() - t0 < seconds) {
-				for (int k = 0; k < 100; k++)
-					mtlz_preprocess(&s, &po, ws, out, &info, NULL, 0);
-				total += 100;
-			}
-			mtlz_spectrum_clear(&s);
-			mtlz_prep_ws_free(ws);
-			free(out);
+		mtlz_prep_opts_default(&po);
+		mtlz_prep_ws_set_isa(ws, isa);
+		out = malloc((size_t)mtlz_grid_length(&po.grid) * sizeof(float));
+		mtlz_rng_seed(&r, (uint64_t)omp_get_thread_num() + 1);
+		synth_spectrum(&s, desi, &r);
+		while (mtlz_now() - t0 < seconds) {
+			for (int k = 0; k < 100; k++)
+				mtlz_preprocess(&s, &po, ws, out, &info, NULL, 0);
+			total += 100;
 		}
-		t1 = mtlz_now();
-		printf("preprocess grid=%s threads=%d: %.0f spectra/s\n",
-		       desi ? "desi-linear-7781px" : "sdss-loglam-3835px", threads,
-		       (double)total / (t1 - t0));
+		mtlz_spectrum_clear(&s);
+		mtlz_prep_ws_free(ws);
+		free(out);
+	}
+	return (double)total / (mtlz_now() - t0);
+}
+
+/* The default implementation and, where it is not the portable one, the
+ * portable one too, side by side. */
+static void bench_preprocess(int threads, double seconds)
+{
+	mtlz_prep_ws *probe = mtlz_prep_ws_new();
+	const int isa = probe ? mtlz_prep_ws_set_isa(probe, mtlz_isa_detect()) : MTLZ_ISA_GENERIC;
+
+	mtlz_prep_ws_free(probe);
+	for (int desi = 0; desi < 2; desi++) {
+		const char *grid = desi ? "desi-linear-7781px" : "sdss-loglam-3835px";
+		const double rate = prep_rate(desi, isa, threads, seconds);
+
+		if (isa != MTLZ_ISA_GENERIC) {
+			const double generic = prep_rate(desi, MTLZ_ISA_GENERIC, threads, seconds);
+
+			printf("preprocess grid=%s threads=%d: %.0f spectra/s (%s; generic %.0f "
+			       "spectra/s, x%.2f)\n", grid, threads, rate, mtlz_isa_name(isa),
+			       generic, rate / generic);
+		} else {
+			printf("preprocess grid=%s threads=%d: %.0f spectra/s (generic)\n", grid,
+			       threads, rate);
+		}
 		fflush(stdout);
 	}
 }
