@@ -1548,6 +1548,14 @@ static int direct_array(struct cur *c, int kind, void **out, size_t *n, const ch
 			for (uint64_t k = 0; k < count; k++) {
 				int32_t x;
 
+				/* one-byte varints (mask values 0..63: most pixels)
+				 * without the general loop */
+				if (c->p < c->end && !(*c->p & 0x80)) {
+					const uint32_t b = *c->p++;
+
+					d[k] = (b >> 1) ^ (0u - (b & 1));
+					continue;
+				}
 				if (cur_int(c, &x))
 					goto out_trunc;
 				d[k] = (uint32_t)x;
@@ -1555,11 +1563,15 @@ static int direct_array(struct cur *c, int kind, void **out, size_t *n, const ch
 		} else if (kind == 'f') {
 			float *d = (float *)v + *n;
 
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+			memcpy(d, c->p, 4 * count); /* Avro floats are little-endian IEEE */
+#else
 			for (uint64_t k = 0; k < count; k++) {
 				uint32_t u = ld_le32(c->p + 4 * k);
 
 				memcpy(&d[k], &u, 4);
 			}
+#endif
 			c->p += 4 * count;
 		} else {
 			double *d = (double *)v + *n;
