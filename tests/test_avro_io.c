@@ -288,7 +288,10 @@ static void make_spectrum(mtlz_spectrum *s, int kind, int ivar, int mask, size_t
 		if (s->ivar)
 			s->ivar[i] = i % 7 == 0 ? 0.0f : 0.25f + (float)i;
 		if (s->and_mask)
-			s->and_mask[i] = i % 5 == 0 ? 0x80000001u | (uint32_t)i << 8 : 0;
+			/* multi-byte varints, one-byte ones of both signs, zero */
+			s->and_mask[i] = i % 5 == 0 ? 0x80000001u | (uint32_t)i << 8 :
+					 i % 5 == 1 ? (uint32_t)(i % 64) :
+					 i % 5 == 2 ? (uint32_t)-(int32_t)(i % 65) : 0;
 	}
 	if (n > 3) {
 		s->flux[3] = NAN;      /* not a decode error: preprocessing handles it */
