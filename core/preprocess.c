@@ -282,6 +282,27 @@ static int collect_explicit(const mtlz_spectrum *s, const mtlz_prep_opts *o,
 	return MTLZ_OK;
 }
 
+/* Pixel i usable: finite flux, finite positive ivar (if any), none of bits
+ * in its mask (if any). *nf collects non-finite flux or ivar. */
+static inline __attribute__((always_inline)) int
+pixel_good(const float *flux, const float *ivar, const uint32_t *mask, uint32_t bits,
+	   long i, int *nf)
+{
+	const int fin = isfinite(flux[i]) != 0;
+	int ok = fin;
+
+	*nf |= !fin;
+	if (ivar) {
+		const int vfin = isfinite(ivar[i]) != 0;
+
+		*nf |= !vfin;
+		ok &= vfin & (ivar[i] > 0.0f);
+	}
+	if (mask)
+		ok &= (mask[i] & bits) == 0;
+	return ok;
+}
+
 /* The compaction loop, specialised (after inlining) for which of ivar and
  * and_mask are present. Returns the number of good nodes. */
 static inline __attribute__((always_inline)) long
@@ -293,25 +314,24 @@ compact(const float *flux, const float *ivar, const uint32_t *mask,
 	int nf = 0;
 
 	for (long i = 0; i < n; i++) {
-		const float f = flux[i];
-		int ok = isfinite(f) != 0;
+		const int ok = pixel_good(flux, with_ivar ? ivar : NULL, with_mask ? mask : NULL,
+					  bits, i, &nf);
 
-		nf |= !ok;
-		if (with_ivar) {
-			const int fin = isfinite(ivar[i]) != 0;
-
-			nf |= !fin;
-			ok &= fin & (ivar[i] > 0.0f);
-		}
-		if (with_mask)
-			ok &= (mask[i] & bits) == 0;
 		gi[g] = (int32_t)i;
-		gf[g] = f;
+		gf[g] = flux[i];
 		g += ok;
 		rank[i] = (int32_t)(g - 1);
 	}
 	*nonfinite = nf;
 	return g;
+}
+
+/* The input pixels inside the window [lo, hi] on a uniform grid: [*ilo, *ihi]
+ * (empty when *ihi < *ilo). */
+static void window_pixels(const mtlz_spectrum *s, double lo, double hi, long *ilo, long *ihi)
+{
+	*ilo = MTLZ_MAX((long)ceil(pixel_of(s, lo, log10(lo)) - 1e-9), 0);
+	*ihi = MTLZ_MIN((long)floor(pixel_of(s, hi, log10(hi)) + 1e-9), (long)s->n - 1);
 }
 
 /*
@@ -342,10 +362,7 @@ static void collect_uniform(const mtlz_spectrum *s, const mtlz_prep_opts *o,
 	nd->n_good = (size_t)g;
 	nd->nonfinite = nf;
 	/* input pixels inside the window, and how many of them are good */
-	ilo = (long)ceil(pixel_of(s, lo, log10(lo)) - 1e-9);
-	ihi = (long)floor(pixel_of(s, hi, log10(hi)) + 1e-9);
-	ilo = MTLZ_MAX(ilo, 0);
-	ihi = MTLZ_MIN(ihi, n - 1);
+	window_pixels(s, lo, hi, &ilo, &ihi);
 	if (ihi >= ilo) {
 		const long good = rank[ihi] - (ilo > 0 ? rank[ilo - 1] : -1);
 
@@ -420,19 +437,9 @@ static long good_flags_avx2(const float *flux, const float *ivar, const uint32_t
 		_mm256_storeu_si256((__m256i *)c, cnt);
 		g = (long)c[0] + c[1] + c[2] + c[3] + c[4] + c[5] + c[6] + c[7];
 	}
-	for (; i < n; i++) {
-		const int fin = isfinite(flux[i]) != 0;
-		int good = fin;
+	for (; i < n; i++) { /* the last n % 8 */
+		const int good = pixel_good(flux, ivar, mask, bits, i, &nf);
 
-		nf |= !fin;
-		if (ivar) {
-			const int vfin = isfinite(ivar[i]) != 0;
-
-			nf |= !vfin;
-			good &= vfin & (ivar[i] > 0.0f);
-		}
-		if (mask)
-			good &= (mask[i] & bits) == 0;
 		ok[i] = -good;
 		g += good;
 	}
@@ -492,10 +499,7 @@ static void collect_uniform_avx2(const mtlz_spectrum *s, const mtlz_prep_opts *o
 			    o->and_mask_bits, n, ws->ok, &nf);
 	nd->n_good = (size_t)g;
 	nd->nonfinite = nf;
-	ilo = (long)ceil(pixel_of(s, lo, log10(lo)) - 1e-9);
-	ihi = (long)floor(pixel_of(s, hi, log10(hi)) + 1e-9);
-	ilo = MTLZ_MAX(ilo, 0);
-	ihi = MTLZ_MIN(ihi, n - 1);
+	window_pixels(s, lo, hi, &ilo, &ihi);
 	if (ihi >= ilo) {
 		nd->n_in = (size_t)(ihi - ilo + 1);
 		nd->n_bad = nd->n_in - (size_t)count_good_avx2(ok, ilo, ihi);
