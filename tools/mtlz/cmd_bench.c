@@ -183,15 +183,14 @@ static void bench_preprocess(int threads, double seconds)
 		const char *grid = desi ? "desi-linear-7781px" : "sdss-loglam-3835px";
 		const double rate = prep_rate(desi, isa, threads, seconds);
 
+		printf("preprocess grid=%s threads=%d impl=%s: %.0f spectra/s\n", grid, threads,
+		       mtlz_isa_name(isa), rate);
 		if (isa != MTLZ_ISA_GENERIC) {
 			const double generic = prep_rate(desi, MTLZ_ISA_GENERIC, threads, seconds);
 
-			printf("preprocess grid=%s threads=%d: %.0f spectra/s (%s; generic %.0f "
-			       "spectra/s, x%.2f)\n", grid, threads, rate, mtlz_isa_name(isa),
-			       generic, rate / generic);
-		} else {
-			printf("preprocess grid=%s threads=%d: %.0f spectra/s (generic)\n", grid,
-			       threads, rate);
+			printf("preprocess grid=%s threads=%d impl=generic (%s/generic x%.2f): "
+			       "%.0f spectra/s\n", grid, threads, mtlz_isa_name(isa),
+			       rate / generic, generic);
 		}
 		fflush(stdout);
 	}
