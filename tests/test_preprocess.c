@@ -530,3 +530,57 @@ Test(preprocess, avx2_path_matches_brute_force_on_random_spectra, .timeout = 120
 		tried++;
 	}
 }
+
+/* Every pattern of bad pixels on short uniform grids (2 to 10 pixels over
+ * the whole window, linear and log): the AVX2 path against the portable
+ * one. Short grids put the ends, single good pixels and runs next to each
+ * other in every way. */
+Test(preprocess, avx2_path_matches_generic_on_every_short_mask)
+{
+	static float ref[L];
+	mtlz_prep_ws *wg = mtlz_prep_ws_new();
+	int compared = 0;
+
+	if (mtlz_prep_ws_set_isa(ws, MTLZ_ISA_AVX2) != MTLZ_ISA_AVX2)
+		cr_skip_test("this CPU or build has no AVX2 path");
+	mtlz_prep_ws_set_isa(wg, MTLZ_ISA_GENERIC);
+	opts.min_coverage = 0.0; /* judge the interpolation, not the verdict */
+	opts.max_bad_frac = 1.0;
+	for (int log = 0; log < 2; log++) {
+		for (size_t n = 2; n <= 10; n++) {
+			for (unsigned bad = 0; bad < 1u << n; bad++) {
+				mtlz_spectrum s;
+				mtlz_prep_info a, g;
+				int ra, rg;
+
+				mtlz_spectrum_init(&s);
+				cr_assert_eq(mtlz_spectrum_alloc(&s, n, 1, 0, 0), MTLZ_OK);
+				s.grid_kind = log ? MTLZ_GRID_LOGLAM : MTLZ_GRID_LINEAR;
+				s.start = log ? log10(3800.0) : 3800.0;
+				s.step = log ? (log10(9100.0) - s.start) / (double)(n - 1) :
+					       5300.0 / (double)(n - 1);
+				for (size_t i = 0; i < n; i++) {
+					s.flux[i] = (float)(1.0 + 0.1 * (double)((i * 7) % 5));
+					s.ivar[i] = bad >> i & 1 ? 0.0f : 1.0f;
+				}
+				ra = mtlz_preprocess(&s, &opts, ws, out, &a, NULL, 0);
+				rg = mtlz_preprocess(&s, &opts, wg, ref, &g, NULL, 0);
+				cr_assert_eq(ra, rg, "n %zu bad %#x", n, bad);
+				cr_assert_eq(a.flags, g.flags, "n %zu bad %#x", n, bad);
+				cr_assert_float_eq(a.max_gap, g.max_gap, 1e-9 * fmax(1.0, g.max_gap),
+						   "n %zu bad %#x", n, bad);
+				if (ra == MTLZ_OK) {
+					for (int j = 0; j < L; j++)
+						cr_assert_float_eq(out[j], ref[j], 1e-6,
+								   "n %zu bad %#x pixel %d", n, bad, j);
+					compared++;
+				}
+				mtlz_spectrum_clear(&s);
+			}
+		}
+	}
+	mtlz_prep_opts_default(&opts);
+	/* every pattern but the all-bad one is accepted */
+	cr_assert_eq(compared, 2 * ((1 << 11) - 4 - 9), "%d compared", compared);
+	mtlz_prep_ws_free(wg);
+}
