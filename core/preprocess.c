@@ -391,8 +391,9 @@ static void collect_uniform(const mtlz_spectrum *s, const mtlz_prep_opts *o,
  * (a serial loop), it keeps a per-pixel good flag, ws->ok, and the list of
  * interior runs of bad pixels, ws->runs. An output whose pixel coordinate x
  * falls between two adjacent good pixels (the common case) is interpolated
- * four at a time from two gathers, (ok[i], ok[i + 1]) and (flux[i],
- * flux[i + 1]) with i = floor(x), in the same arithmetic as the scalar
+ * four at a time from (ok[i], ok[i + 1]) and (flux[i], flux[i + 1]) with
+ * i = floor(x), fetched by loads and permutes (gathers where the input grid
+ * is much finer than the output), in the same arithmetic as the scalar
  * path; the rest (ends held, gaps) go through interp_one(). The results
  * match the generic path to rounding (tests/test_preprocess.c checks both
  * against each other and against a brute-force reference).
@@ -603,6 +604,17 @@ static double interp_walk(const mtlz_prep_ws *ws, size_t n_good, double w0,
 	return sum;
 }
 
+/* Linear-in-wavelength weight of the right node for an output at distance
+ * d (pixels, 0 <= d < 1) past the left of two adjacent pixels: d itself on a
+ * linear grid; on a log grid expm1(d al) / expm1(al), al = step ln 10, with
+ * a cubic for the numerator (d al < 2.3e-4) and inv_c = 1 / expm1(al). */
+static inline double adjacent_weight(double d, int lin, double al, double inv_c)
+{
+	const double u = d * al;
+
+	return lin ? d : u * (1.0 + u * (0.5 + u * (1.0 / 6.0))) * inv_c;
+}
+
 /*
  * Uniform grids: the pixel coordinate x of each output wavelength is
  * computed directly and rank[] gives the good node at or before it, so there
@@ -637,10 +649,7 @@ static double interp_uniform(const mtlz_spectrum *s, const mtlz_prep_ws *ws,
 			const long a = gi[p], b = gi[p + 1];
 
 			if (b == a + 1) {
-				const double d = x - (double)a;
-				const double u = d * al;
-
-				t = lin ? d : u * (1.0 + u * (0.5 + u * (1.0 / 6.0))) * inv_c;
+				t = adjacent_weight(x - (double)a, lin, al, inv_c);
 			} else {
 				const double wa = wave_of(s, a), wb = wave_of(s, b);
 
@@ -660,7 +669,7 @@ static double interp_uniform(const mtlz_spectrum *s, const mtlz_prep_ws *ws,
  * from the last, L, on, the end is held; otherwise x lies across a run of
  * bad pixels, found by bisection, and the weight is linear in wavelength. */
 static double interp_one(const mtlz_spectrum *s, const mtlz_prep_ws *ws, long F, long L,
-			 long n_runs, double x, double w)
+			 long n_runs, double al, double inv_c, double x, double w)
 {
 	const int32_t *runs = ws->runs;
 	const float *fl = s->flux;
@@ -673,10 +682,8 @@ static double interp_one(const mtlz_spectrum *s, const mtlz_prep_ws *ws, long F,
 	if (i >= L)
 		return fl[L];
 	if (ws->ok[i] && ws->ok[i + 1]) {
-		const double d = x - (double)i, al = s->step * 2.302585092994045684;
-		const double u = d * al;
-		const double t = s->grid_kind == MTLZ_GRID_LINEAR ? d :
-				 u * (1.0 + u * (0.5 + u * (1.0 / 6.0))) * (1.0 / expm1(al));
+		const double t = adjacent_weight(x - (double)i, s->grid_kind == MTLZ_GRID_LINEAR,
+						 al, inv_c);
 
 		return fl[i] + t * ((double)fl[i + 1] - fl[i]);
 	}
@@ -786,7 +793,8 @@ static double interp_uniform_avx2(const mtlz_spectrum *s, const mtlz_prep_ws *ws
 			_mm256_storeu_pd(wv, w);
 			for (int k = 0; k < 4; k++)
 				if (!(m >> k & 1))
-					fv[k] = interp_one(s, ws, F, L, n_runs, xv[k], wv[k]);
+					fv[k] = interp_one(s, ws, F, L, n_runs, al, inv_c,
+							   xv[k], wv[k]);
 			f = _mm256_loadu_pd(fv);
 		}
 		_mm_storeu_ps(out + j, _mm256_cvtpd_ps(f));
@@ -796,7 +804,7 @@ static double interp_uniform_avx2(const mtlz_spectrum *s, const mtlz_prep_ws *ws
 	sum = (part[0] + part[1]) + (part[2] + part[3]);
 	for (; j < n_out; j++) {
 		const double w = w0 + j * dw;
-		const double f = interp_one(s, ws, F, L, n_runs,
+		const double f = interp_one(s, ws, F, L, n_runs, al, inv_c,
 					    ((lin ? w : ws->logw[j]) - s->start) * inv, w);
 
 		out[j] = (float)f;
