@@ -4,6 +4,9 @@
  * starting its own broker, daemon(s), mtlz-replay and readers as separate
  * processes, as an operator would:
  *   - N spectra in -> exactly N results, decodable with result.avsc alone;
+ *   - a third-party client (python3-confluent-kafka + python3-avro, with
+ *     result.avsc alone) decodes all three output framings, and kcat reads
+ *     the topic's keys and headers;
  *   - poison messages of every reason class but "invalid" (our encoder
  *     cannot write one; test_avro_io covers it) -> dead-letter topic with
  *     reason headers, and the stream carries on;
@@ -31,6 +34,7 @@
 
 #include <criterion/criterion.h>
 #include <fcntl.h>
+#include <jansson.h>
 #include <librdkafka/rdkafka.h>
 #include <signal.h>
 #include <stdio.h>
@@ -348,6 +352,165 @@ Test(daemon, n_spectra_in_exactly_n_results_out)
 	/* drained: the final status knows every partition's lag, and it is 0 */
 	cr_assert_eq(count_in_log("mtlzd", " lag=0 unread_partitions=0 ", NULL, NULL) > 0, 1,
 		     "see %s", dir);
+}
+
+#define PY "/usr/bin/python3"
+#define READER PY " " MTLZ_SOURCE_DIR "/tests/third_party_reader.py"
+
+static int have_third_party_reader(void)
+{
+	return access(PY, X_OK) == 0 &&
+	       system(PY " -c 'import confluent_kafka, avro.io' 2>/dev/null") == 0 &&
+	       system("command -v kcat >/dev/null") == 0;
+}
+
+/* A header value of a third-party reader's message, or "". */
+static const char *header_of(json_t *msg, const char *name)
+{
+	const char *v = json_string_value(json_object_get(json_object_get(msg, "headers"), name));
+
+	return v ? v : "";
+}
+
+/*
+ * The schema contract from the outside: three daemons (own groups) read the
+ * same spectra and write the three output framings to one topic; a
+ * third-party client with nothing but schemas/result.avsc (Debian's
+ * python3-confluent-kafka + python3-avro) decodes every message, and kcat
+ * reads the topic with its keys and headers.
+ */
+Test(daemon, third_party_clients_read_every_output_framing, .timeout = 300)
+{
+	static const char *const framings[] = { "single_object", "confluent", "container" };
+	enum { N = 12, NF = 3 };
+	static const char *const class_names[] = { "PASSIVE", "STAR_FORMING", "COMPOSITE", "AGN" };
+	/* per source offset and framing: what was decoded; all three framings
+	 * must decode to the same (same model, same input, same seed) */
+	struct { int seen[NF]; double p[NF][4]; char key[NF][64]; } src[4][N];
+	char sets[NF][3][64], cmd[2048], line[8192], sha[65], fp[32], e[256];
+	int count[NF] = { 0 }, n_kcat = 0;
+	pid_t d[NF];
+	FILE *p;
+
+	if (!have_third_party_reader()) {
+		cr_log_warn("python3-confluent-kafka, python3-avro or kcat missing: skipped");
+		return;
+	}
+	memset(src, 0, sizeof(src));
+	cr_assert_eq(mtlz_sha256_file(model, sha, e, sizeof(e)), MTLZ_OK, "%s", e);
+	p = popen(READER " fingerprint " MTLZ_SOURCE_DIR "/schemas/result.avsc", "r");
+	cr_assert(p && fgets(fp, sizeof(fp), p), "fingerprint");
+	fp[strcspn(fp, "\n")] = '\0';
+	cr_assert_eq(pclose(p), 0);
+	replay(N, "single_object");
+	for (int f = 0; f < NF; f++) {
+		const char *s[] = { sets[f][0], sets[f][1], sets[f][2], NULL };
+		char name[32];
+
+		snprintf(sets[f][0], sizeof(sets[f][0]), "kafka.group_id=tp-%s", framings[f]);
+		snprintf(sets[f][1], sizeof(sets[f][1]), "output.framing=%s", framings[f]);
+		snprintf(sets[f][2], sizeof(sets[f][2]), "output.schema_id=7");
+		snprintf(name, sizeof(name), "mtlzd-%s", framings[f]);
+		d[f] = start_daemon_v(name, NULL, s);
+	}
+	snprintf(cmd, sizeof(cmd), READER " consume --brokers %s --topic %s --schema "
+		 MTLZ_SOURCE_DIR "/schemas/result.avsc --count %d --timeout 30 2>>%s/reader.log",
+		 brokers, out_topic, NF * N, dir);
+	p = popen(cmd, "r");
+	cr_assert_not_null(p);
+	while (fgets(line, sizeof(line), p)) {
+		json_error_t je;
+		json_t *m = json_loads(line, 0, &je), *r;
+		const char *fr, *cls, *spec;
+		double psum = 0, pmax = -1;
+		int f, part, argmax = -1, c = -1;
+		long off;
+
+		cr_assert_not_null(m, "reader line: %s", line);
+		r = json_object_get(m, "record");
+		fr = json_string_value(json_object_get(m, "framing"));
+		for (f = 0; f < NF && strcmp(fr, framings[f]); f++)
+			;
+		cr_assert_lt(f, NF, "framing %s", fr);
+		count[f]++;
+		if (f == 0)
+			cr_assert_str_eq(json_string_value(json_object_get(m, "frame_id")), fp,
+					 "single-object fingerprint = CRC-64-AVRO of result.avsc");
+		if (f == 1)
+			cr_assert_str_eq(json_string_value(json_object_get(m, "frame_id")), "7",
+					 "confluent schema id = output.schema_id");
+		spec = json_string_value(json_object_get(r, "spec_id"));
+		cr_assert_str_eq(json_string_value(json_object_get(m, "key")), spec, "key = spec_id");
+		cr_assert_str_eq(header_of(m, "mtlz.model.sha256"), sha);
+		cr_assert_str_eq(json_string_value(json_object_get(r, "model_sha256")), sha);
+		cr_assert_str_eq(header_of(m, "mtlz.schema.fingerprint"), fp);
+		cr_assert_str_eq(json_string_value(json_object_get(r, "source_topic")), in_topic);
+		part = (int)json_integer_value(json_object_get(r, "source_partition"));
+		off = (long)json_integer_value(json_object_get(r, "source_offset"));
+		cr_assert(part >= 0 && part < 4 && off >= 0 && off < N, "source %d@%ld", part, off);
+		cr_assert_eq(src[part][off].seen[f], 0, "%s: %d@%ld twice", fr, part, off);
+		src[part][off].seen[f] = 1;
+		cls = json_string_value(json_object_get(r, "class"));
+		for (int k = 0; k < 4; k++) {
+			static const char *const pf[] = { "prob_passive", "prob_star_forming",
+							  "prob_composite", "prob_agn" };
+			const double pk = json_number_value(json_object_get(r, pf[k]));
+
+			cr_assert(pk >= 0 && pk <= 1, "%s = %g", pf[k], pk);
+			psum += pk;
+			if (pk > pmax)
+				pmax = pk, argmax = k;
+			if (!strcmp(cls, class_names[k]))
+				c = k;
+			src[part][off].p[f][k] = pk;
+		}
+		cr_assert_float_eq(psum, 1.0, 1e-5);
+		cr_assert_eq(c, argmax, "class %s is the most probable", cls);
+		/* conditional regression: metallicity only for star-forming */
+		cr_assert_eq(json_is_null(json_object_get(r, "metallicity")), c != 1, "%s", line);
+		cr_assert_eq(json_is_null(json_object_get(r, "metallicity_sigma")), c != 1, "%s", line);
+		cr_assert(strstr(json_string_value(json_object_get(r, "processed_at")), "T"),
+			  "timestamp-micros read as a date-time");
+		snprintf(src[part][off].key[f], sizeof(src[part][off].key[f]), "%s", spec);
+		json_decref(m);
+	}
+	cr_assert_eq(pclose(p), 0, "the reader decoded every message (see %s/reader.log)", dir);
+	for (int f = 0; f < NF; f++)
+		cr_assert_eq(count[f], N, "%s: %d results of %d (see %s)", framings[f], count[f], N, dir);
+	for (int q = 0; q < 4; q++)
+		for (int o = 0; o < N; o++)
+			for (int f = 1; f < NF && src[q][o].seen[0]; f++) {
+				cr_assert_str_eq(src[q][o].key[f], src[q][o].key[0]);
+				for (int k = 0; k < 4; k++)
+					cr_assert_eq(src[q][o].p[f][k], src[q][o].p[0][k],
+						     "%d@%d: %s and %s decode the same", q, o,
+						     framings[f], framings[0]);
+			}
+	/* kcat: every message, its key and the model header */
+	snprintf(cmd, sizeof(cmd), "kcat -C -b %s -t %s -o beginning -e -q -f '%%k\\t%%h\\n' "
+		 "2>>%s/kcat.log", brokers, out_topic, dir);
+	p = popen(cmd, "r");
+	cr_assert_not_null(p);
+	while (fgets(line, sizeof(line), p)) {
+		char want[96], *tab = strchr(line, '\t');
+		int known = 0;
+
+		cr_assert_not_null(tab, "kcat line: %s", line);
+		*tab = '\0';
+		for (int q = 0; q < 4; q++)
+			for (int o = 0; o < N; o++)
+				known |= src[q][o].seen[0] && !strcmp(src[q][o].key[0], line);
+		cr_assert(known, "kcat key %s is a spec_id the reader saw", line);
+		snprintf(want, sizeof(want), "mtlz.model.sha256=%s", sha);
+		cr_assert(strstr(tab + 1, want), "kcat headers: %s", tab + 1);
+		n_kcat++;
+	}
+	cr_assert_eq(pclose(p), 0, "kcat (see %s/kcat.log)", dir);
+	cr_assert_eq(n_kcat, NF * N);
+	for (int f = 0; f < NF; f++) {
+		kill(d[f], SIGTERM);
+		cr_assert_eq(wait_exit(d[f], 60), 0, "%s: clean stop", framings[f]);
+	}
 }
 
 Test(daemon, every_input_framing_is_read)

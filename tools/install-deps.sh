@@ -20,8 +20,9 @@ PKGS="$PKGS libcriterion-dev libpng-dev"
 # PyTorch reference for the cross-check test and the benchmark (Debian's
 # python3-torch runs on the system /usr/bin/python3)
 PKGS="$PKGS python3 python3-numpy python3-torch"
-# a third-party Avro reader for the schema-contract tests
-PKGS="$PKGS python3-avro"
+# a third-party Avro reader and Kafka client for the schema-contract tests
+# (tests/third_party_reader.py)
+PKGS="$PKGS python3-avro python3-confluent-kafka"
 
 missing=""
 for p in $PKGS; do
