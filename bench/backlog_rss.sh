@@ -91,23 +91,15 @@ fi
 # out (linger.ms 60 s, then flush), so that each partition's backlog is one
 # record batch of up to 10,000 messages / 1 MB
 cat > "$work/bulk.py" <<'EOF'
-import ctypes, ctypes.util, io, sys, time
+import ctypes, ctypes.util, io, os, sys, time
 import avro.io, avro.schema
 
 schema_path, bootstrap, topic, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 schema = avro.schema.parse(open(schema_path).read())
 # single-object encoding: C3 01 + CRC-64-AVRO of the parsing canonical form (LE)
-EMPTY = 0xC15D213AA4D7A795
-table = []
-for i in range(256):
-    fp = i
-    for _ in range(8):
-        fp = (fp >> 1) ^ (EMPTY & -(fp & 1))
-    table.append(fp)
-fp = EMPTY
-for b in schema.canonical_form.encode():
-    fp = (fp >> 8) ^ table[(fp ^ b) & 0xFF]
-header = b"\xc3\x01" + fp.to_bytes(8, "little")
+sys.path.insert(0, os.path.join(os.path.dirname(schema_path), "..", "tests"))
+from third_party_reader import fingerprint
+header = b"\xc3\x01" + fingerprint(schema_path).to_bytes(8, "little")
 
 def enc(rec):
     buf = io.BytesIO()
