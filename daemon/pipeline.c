@@ -1100,6 +1100,39 @@ static int64_t consumer_lag(struct mtlzd *d, int *unread)
 	return lag;
 }
 
+/* What the watchdog saw at its last look. */
+struct watchdog_seen {
+	uint64_t done;    /* results + dead letters delivered */
+	int pending;      /* work was waiting then */
+};
+
+/*
+ * Whether the processing loop makes progress, for WATCHDOG=1 (looked at
+ * every WatchdogSec / 4): the infer thread is alive (it beats at least
+ * once a second, also when idle) and either something was delivered since
+ * the last look, or work was not waiting at both looks (idle: nothing to
+ * do is no stall). A batch that waits a whole look with nothing delivered
+ * (engine hung, output blocked) starves the watchdog, and systemd restarts
+ * the daemon; at-least-once loses nothing by that.
+ * @locality consume thread
+ */
+static int watchdog_progress(struct mtlzd *d, uint64_t wd_usec, struct watchdog_seen *w)
+{
+	const uint64_t done = atomic_load(&d->cnt.results_delivered) +
+			      atomic_load(&d->cnt.dlq_delivered);
+	int pending, ok;
+
+	pthread_mutex_lock(&d->lock);
+	pending = d->busy > 0;
+	pthread_mutex_unlock(&d->lock);
+	pending |= d->open_slot >= 0 && slot_count(&d->slots[d->open_slot]) > 0;
+	ok = mtlzd_now_us() - atomic_load(&d->infer_alive_us) < (int64_t)wd_usec / 2 &&
+	     (done != w->done || !pending || !w->pending);
+	w->done = done;
+	w->pending = pending;
+	return ok;
+}
+
 static void report_status(struct mtlzd *d, double dt, uint64_t *last_results)
 {
 	const uint64_t res = atomic_load(&d->cnt.results_delivered);
@@ -1108,14 +1141,24 @@ static void report_status(struct mtlzd *d, double dt, uint64_t *last_results)
 	int unread;
 	const int64_t lag = consumer_lag(d, &unread);
 
-	for (int r = 0; r < MTLZD_N_REASONS; r++)
-		dlq += atomic_load(&d->cnt.dlq_by_reason[r]);
+	char by_class[MTLZD_N_REASONS * 40] = "";
+	size_t used = 0;
+
+	/* dead_letter=<all> and dead_letter.<class>=<n> for each class seen */
+	for (int r = 0; r < MTLZD_N_REASONS; r++) {
+		const uint64_t n = atomic_load(&d->cnt.dlq_by_reason[r]);
+
+		dlq += n;
+		if (n && used < sizeof(by_class))
+			used += (size_t)snprintf(by_class + used, sizeof(by_class) - used,
+						 " dead_letter.%s=%" PRIu64, mtlzd_reason_name(r), n);
+	}
 	*last_results = res;
 	mtlz_log(MTLZ_LOG_INFO, "event=status rate=%.1f consumed=%" PRIu64 " results=%" PRIu64
-		 " dead_letter=%" PRIu64 " batches=%" PRIu64 " lag=%" PRId64 " unread_partitions=%d"
+		 " dead_letter=%" PRIu64 "%s batches=%" PRIu64 " lag=%" PRId64 " unread_partitions=%d"
 		 " consume_busy_ms=%" PRIu64 " engine_busy_ms=%" PRIu64 " publish_busy_ms=%" PRIu64
 		 " fetch_wakes=%" PRIu64,
-		 rate, (uint64_t)atomic_load(&d->cnt.consumed), res, dlq,
+		 rate, (uint64_t)atomic_load(&d->cnt.consumed), res, dlq, by_class,
 		 (uint64_t)atomic_load(&d->cnt.batches), lag, unread,
 		 (uint64_t)atomic_load(&d->cnt.consume_busy_us) / 1000,
 		 (uint64_t)atomic_load(&d->cnt.engine_busy_us) / 1000,
@@ -1136,6 +1179,8 @@ int mtlzd_run(struct mtlzd *d)
 	const double delay = c->batch_max_delay_ms / 1000.0;
 	double last_status = mtlz_now();
 	uint64_t wd_usec = 0, last_results = 0;
+	int64_t wd_last_us = 0;
+	struct watchdog_seen wd = { 0 };
 	rd_kafka_resp_err_t err;
 	int ready = 0, rc = 0;
 
@@ -1172,9 +1217,11 @@ int mtlzd_run(struct mtlzd *d)
 			sd_notify(0, "READY=1");
 			mtlz_log(MTLZ_LOG_INFO, "event=ready");
 		}
-		/* the watchdog is fed only while the infer thread is alive too */
-		if (wd_usec && mtlzd_now_us() - atomic_load(&d->infer_alive_us) < (int64_t)wd_usec / 2)
-			sd_notify(0, "WATCHDOG=1");
+		if (wd_usec && ready && mtlzd_now_us() - wd_last_us >= (int64_t)wd_usec / 4) {
+			wd_last_us = mtlzd_now_us();
+			if (watchdog_progress(d, wd_usec, &wd))
+				sd_notify(0, "WATCHDOG=1");
+		}
 		if ((now - last_status) * 1000 >= c->status_interval_ms) {
 			report_status(d, now - last_status, &last_results);
 			last_status = now;
@@ -1199,8 +1246,8 @@ int mtlzd_run(struct mtlzd *d)
 	if (d->open_slot >= 0)
 		mtlzd_slot_release(&d->slots[d->open_slot]);
 	mtlzd_wake_stop(&d->wake);
+	report_status(d, 0, &last_results);  /* while the assignment gives the lag */
 	rd_kafka_consumer_close(d->consumer);
-	report_status(d, 0, &last_results);
 	return atomic_load(&d->fatal) || rc ? 1 : 0;
 }
 

@@ -393,8 +393,8 @@ Test(daemon, third_party_clients_read_every_output_framing, .timeout = 300)
 	FILE *p;
 
 	if (!have_third_party_reader()) {
-		cr_log_warn("python3-confluent-kafka, python3-avro or kcat missing: skipped");
-		return;
+		cr_skip_test("python3-confluent-kafka, python3-avro or kcat missing "
+			     "(tools/install-deps.sh installs them)");
 	}
 	memset(src, 0, sizeof(src));
 	cr_assert_eq(mtlz_sha256_file(model, sha, e, sizeof(e)), MTLZ_OK, "%s", e);
@@ -588,6 +588,8 @@ static void produce_spectrum(rd_kafka_t *p, mtlz_avro *a, const mtlz_spectrum *s
 static size_t dl_max_len;
 static long dl_truncated_from;
 
+static int dl_keyed_seen;   /* dead letters of the message keyed "poison-key" */
+
 static int read_dead_letters(int want, const char *const names[], int n_names, int got[])
 {
 	rd_kafka_t *c = client(RD_KAFKA_CONSUMER, "dlq-reader");
@@ -596,6 +598,7 @@ static int read_dead_letters(int want, const char *const names[], int n_names, i
 
 	dl_max_len = 0;
 	dl_truncated_from = 0;
+	dl_keyed_seen = 0;
 	rd_kafka_poll_set_consumer(c);
 	rd_kafka_topic_partition_list_add(sub, "spectra.dlq", RD_KAFKA_PARTITION_UA);
 	rd_kafka_subscribe(c, sub);
@@ -616,6 +619,19 @@ static int read_dead_letters(int want, const char *const names[], int n_names, i
 					got[k]++;
 			cr_assert_eq(rd_kafka_header_get_last(h, "mtlz.error.detail", &v, &vl), 0);
 			cr_assert_gt(vl, 0);
+			cr_assert_eq(rd_kafka_header_get_last(h, "mtlz.source.offset", &v, &vl), 0);
+			/* the poison test's keyed message: value, key and headers kept */
+			if (m->key_len == 10 && memcmp(m->key, "poison-key", 10) == 0) {
+				static const char xs[64] = "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
+							   "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
+
+				cr_assert_eq(m->len, 64, "original value kept: %zu bytes", m->len);
+				cr_assert_eq(memcmp(m->payload, xs, 63), 0);
+				cr_assert_eq(rd_kafka_header_get_last(h, "origin", &v, &vl), 0,
+					     "original header kept");
+				cr_assert(vl == 10 && memcmp(v, "test-suite", 10) == 0);
+				dl_keyed_seen++;
+			}
 			if (m->len > dl_max_len) {
 				dl_max_len = m->len;
 				dl_truncated_from = rd_kafka_header_get_last(
@@ -648,9 +664,14 @@ Test(daemon, poison_messages_go_to_dead_letter_and_stream_continues)
 	a = mtlz_avro_new(MTLZ_SOURCE_DIR "/schemas", NULL, err, sizeof(err));
 	cr_assert_not_null(a, "%s", err);
 	cr_assert_eq(mtlz_fits_read(DATA "/spec-0266-51602-0001.fits", &sp, err, sizeof(err)), 0);
-	/* framing: no magic byte we know */
+	/* framing: no magic byte we know; keyed and with a header of its own,
+	 * which the dead letter must keep with the value */
 	memset(junk, 'x', sizeof(junk));
-	produce_raw(p, junk, sizeof(junk));
+	cr_assert_eq(rd_kafka_producev(p, RD_KAFKA_V_TOPIC(in_topic),
+				       RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+				       RD_KAFKA_V_VALUE(junk, sizeof(junk)),
+				       RD_KAFKA_V_KEY("poison-key", 10),
+				       RD_KAFKA_V_HEADER("origin", "test-suite", 10), RD_KAFKA_V_END), 0);
 	/* schema: single-object magic with an unknown fingerprint */
 	junk[0] = 0xC3; junk[1] = 0x01;
 	produce_raw(p, junk, sizeof(junk));
@@ -714,8 +735,18 @@ Test(daemon, poison_messages_go_to_dead_letter_and_stream_continues)
 	cr_assert_eq(n_dlq, N_WANT, "dead-lettered: %d", n_dlq);
 	for (int k = 0; k < N_WANT; k++)
 		cr_assert_eq(got[k], 1, "class %s seen %d times", want[k], got[k]);
+	cr_assert_eq(dl_keyed_seen, 1, "the keyed poison message's dead letter");
 	kill(d, SIGTERM);
 	cr_assert_eq(wait_exit(d, 60), 0);
+	/* a counter per class, in the final status line */
+	for (int k = 0; k < N_WANT; k++) {
+		char field[64];
+
+		snprintf(field, sizeof(field), " dead_letter.%s=1 ", want[k]);
+		cr_assert_gt(count_in_log("mtlzd", field, NULL, NULL), 0,
+			     "status counts class %s (see %s)", want[k], dir);
+	}
+	cr_assert_gt(count_in_log("mtlzd", " dead_letter=9 ", NULL, NULL), 0, "see %s", dir);
 }
 
 Test(daemon, sigterm_drains_and_commits)
@@ -757,9 +788,12 @@ Test(daemon, kill_9_mid_stream_then_restart_loses_nothing)
 Test(daemon, systemd_notifications_on_our_socket)
 {
 	struct sockaddr_un addr = { .sun_family = AF_UNIX };
-	char env[160], buf[512], all[8192] = "", journal[] = "JOURNAL_STREAM=8:12345";
-	int fd = socket(AF_UNIX, SOCK_DGRAM, 0), total, stamped;
-	char *extra[] = { env, NULL, NULL };
+	char env[160], buf[512], all[16384] = "", journal[] = "JOURNAL_STREAM=8:12345";
+	char wd_env[] = "WATCHDOG_USEC=4000000";
+	int fd = socket(AF_UNIX, SOCK_DGRAM, 0), total, stamped, n_wd = 0;
+	char *extra[] = { env, NULL, wd_env, NULL };
+	double t_ready = 0, t_end;
+	const char *p;
 	pid_t d;
 
 	snprintf(addr.sun_path, sizeof(addr.sun_path), "%s/notify.sock", dir);
@@ -769,9 +803,11 @@ Test(daemon, systemd_notifications_on_our_socket)
 	extra[1] = journal;
 	d = start_daemon("mtlzd", extra, NULL);
 	replay(8, "single_object");
-	/* READY=1 once joined; STATUS= lines come every status.interval_ms */
-	for (double t0 = mtlz_now(); mtlz_now() - t0 < 30 &&
-	     !(strstr(all, "READY=1") && strstr(strstr(all, "READY=1"), "STATUS="));) {
+	/* READY=1 once joined; STATUS= lines come every status.interval_ms;
+	 * then 4.5 s more for the watchdog (WatchdogSec 4 s: fed at most once
+	 * a second, and only after READY=1) */
+	for (double t0 = mtlz_now(); mtlz_now() - t0 < 40 &&
+	     !(t_ready > 0 && mtlz_now() - t_ready > 4.5);) {
 		struct timeval tv = { 0, 200000 };
 		ssize_t n;
 
@@ -781,10 +817,21 @@ Test(daemon, systemd_notifications_on_our_socket)
 			buf[n] = '\0';
 			strncat(all, buf, sizeof(all) - strlen(all) - 2);
 			strcat(all, "\n");
+			if (t_ready == 0 && strstr(buf, "READY=1"))
+				t_ready = mtlz_now();
+			n_wd += strstr(buf, "WATCHDOG=1") != NULL;
 		}
 	}
+	t_end = mtlz_now();
 	cr_assert(strstr(all, "READY=1"), "got: %s", all);
-	cr_assert(strstr(all, "STATUS="), "got: %s", all);
+	p = strstr(all, "STATUS=");
+	cr_assert(p, "got: %s", all);
+	cr_assert(strstr(p, " spectra/s, lag ") && strstr(p, " results, ") &&
+		  strstr(p, " dead-lettered"), "STATUS= gives rate, lag and counts: %s", p);
+	cr_assert(strstr(all, "WATCHDOG=1"), "fed while idle and alive: %s", all);
+	cr_assert_gt(strstr(all, "WATCHDOG=1"), strstr(all, "READY=1"), "not before READY=1");
+	cr_assert_leq(n_wd, (int)(t_end - t_ready) + 2, "%d WATCHDOG=1 in %.1f s: at most one "
+		      "per WatchdogSec / 4", n_wd, t_end - t_ready);
 	kill(d, SIGTERM);
 	for (double t0 = mtlz_now(); mtlz_now() - t0 < 20 && !strstr(all, "STOPPING=1");) {
 		ssize_t n = recv(fd, buf, sizeof(buf) - 1, 0);
