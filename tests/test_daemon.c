@@ -513,6 +513,124 @@ Test(daemon, third_party_clients_read_every_output_framing, .timeout = 300)
 	}
 }
 
+/* Runs `cmd` and returns its first stdout line starting with `prefix`. */
+static void first_line(const char *cmd, const char *prefix, char *out, size_t size)
+{
+	FILE *p = popen(cmd, "r");
+	char line[1024];
+
+	cr_assert_not_null(p);
+	out[0] = '\0';
+	while (fgets(line, sizeof(line), p))
+		if (!out[0] && strncmp(line, prefix, strlen(prefix)) == 0)
+			snprintf(out, size, "%s", line);
+	pclose(p);
+}
+
+/*
+ * mtlz-replay as a pipeline team uses it: a directory (searched
+ * recursively) of SDSS and DESI FITS files and an archived Avro file goes
+ * out whole, with the final delivered/failed count; a --loop --rate run
+ * stopped by SIGINT waits for its deliveries and exits 0.
+ */
+Test(daemon, replay_sends_a_directory_and_drains_on_sigint)
+{
+	char cmd[2048], line[1024], keys[16][64];
+	long sent = -1, delivered = -2, failed = -1;
+	int n = 0, fd, st;
+	char *argv[] = { BIN "/mtlz-replay", "--brokers", brokers, "--topic", "spectra", "--loop",
+			 "--rate", "100", DATA "/spec-0266-51602-0001.fits", NULL };
+	pid_t r;
+	FILE *p;
+
+	snprintf(cmd, sizeof(cmd), "mkdir -p %s/in/sub && cp " DATA "/spec-0266-51602-0001.fits "
+		 DATA "/coadd-4-80613.fits %s/in/ && " BIN "/mtlz synth -n 5 --seed 3 -o %s/syn "
+		 ">/dev/null 2>&1 && cp %s/syn/part-00000.avro %s/in/sub/archive.avro",
+		 dir, dir, dir, dir, dir);
+	cr_assert_eq(system(cmd), 0, "%s", cmd);
+	snprintf(cmd, sizeof(cmd), "MTLZ_SCHEMA_DIR=%s/schemas " BIN "/mtlz-replay --brokers %s "
+		 "--topic results %s/in 2>>%s/replay.log", MTLZ_SOURCE_DIR, brokers, dir, dir);
+	first_line(cmd, "replay: done ", line, sizeof(line));
+	cr_assert_eq(sscanf(line, "replay: done sent=%ld delivered=%ld failed=%ld", &sent,
+			    &delivered, &failed), 3, "final line: %s", line);
+	/* one SDSS spectrum, one DESI coadd (one spectrum), five archived */
+	cr_assert(sent == 7 && delivered == 7 && failed == 0, "%s", line);
+	snprintf(cmd, sizeof(cmd), "kcat -C -b %s -t results -o beginning -e -q -f '%%k\\n' "
+		 "2>>%s/kcat.log", brokers, dir);
+	p = popen(cmd, "r");
+	cr_assert_not_null(p);
+	while (n < 16 && fgets(keys[n], sizeof(keys[n]), p))
+		keys[n][strcspn(keys[n], "\n")] = '\0', n++;
+	pclose(p);
+	cr_assert_eq(n, 7, "messages on the topic: %d", n);
+	for (int i = 0; i < 5; i++) {
+		char want[32];
+		int found = 0;
+
+		snprintf(want, sizeof(want), "synth-3-%d", i);
+		for (int k = 0; k < n; k++)
+			found |= !strcmp(keys[k], want);
+		cr_assert(found, "archived spectrum %s replayed, keyed by spec_id", want);
+	}
+	/* --loop --rate stopped by SIGINT */
+	snprintf(cmd, sizeof(cmd), "%s/replay-loop.log", dir);
+	r = spawn(argv, cmd, &fd, NULL);
+	usleep(1500000);
+	kill(r, SIGINT);
+	p = fdopen(fd, "r");
+	line[0] = '\0';
+	while (fgets(cmd, sizeof(line), p))
+		if (strncmp(cmd, "replay: done ", 13) == 0)
+			memcpy(line, cmd, sizeof(line));
+	fclose(p);
+	cr_assert_eq(waitpid(r, &st, 0), r);
+	forget_child(r);
+	cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "exit after SIGINT: %d", st);
+	cr_assert_eq(sscanf(line, "replay: done sent=%ld delivered=%ld failed=%ld", &sent,
+			    &delivered, &failed), 3, "final line: %s", line);
+	cr_assert(sent > 50 && delivered == sent && failed == 0, "%s", line);
+}
+
+/* mtlz-devbroker --topics a,b --partitions N: bootstrap= first, the topics
+ * exist with N partitions (kcat -L reads the metadata). */
+Test(daemon, devbroker_creates_the_named_topics)
+{
+	char line[256], log[300], cmd[512];
+	int fd, n_a = 0, n_b = 0;
+	char *argv[] = { BIN "/mtlz-devbroker", "--topics", "alpha,beta", "--partitions", "3",
+			 NULL };
+	pid_t b;
+	FILE *f;
+
+	snprintf(log, sizeof(log), "%s/broker2.log", dir);
+	b = spawn(argv, log, &fd, NULL);
+	f = fdopen(fd, "r");
+	cr_assert_not_null(fgets(line, sizeof(line), f), "dev broker printed nothing");
+	cr_assert(strncmp(line, "bootstrap=127.0.0.1:", 20) == 0, "first line: %s", line);
+	line[strcspn(line, "\n")] = '\0';
+	snprintf(cmd, sizeof(cmd), "kcat -L -b %s 2>>%s/kcat.log", line + 10, dir);
+	{
+		FILE *p = popen(cmd, "r");
+		char *t = NULL;
+		char buf[512];
+
+		cr_assert_not_null(p);
+		while (fgets(buf, sizeof(buf), p)) {
+			if ((t = strstr(buf, "topic \"")))
+				t += 7;
+			if (t && strstr(buf, "with 3 partitions")) {
+				n_a += strncmp(t, "alpha\"", 6) == 0;
+				n_b += strncmp(t, "beta\"", 5) == 0;
+			}
+		}
+		pclose(p);
+	}
+	cr_assert(n_a == 1 && n_b == 1, "topics alpha and beta with 3 partitions (%d, %d)", n_a, n_b);
+	kill(b, SIGTERM);
+	cr_assert_eq(wait_exit(b, 10), 0, "SIGTERM stops it cleanly");
+	fclose(f);
+}
+
 Test(daemon, every_input_framing_is_read)
 {
 	char cmd[1024], set[400];

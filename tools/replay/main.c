@@ -30,10 +30,13 @@
 static volatile sig_atomic_t stop;
 static long n_delivered, n_failed;
 
+/* The first SIGINT/SIGTERM stops sending; what was sent is still waited
+ * for (delivery reports, the final count). A second one stops waiting. */
 static void on_signal(int sig)
 {
 	(void)sig;
-	stop = 1;
+	if (stop < 2)
+		stop++;
 }
 
 static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
@@ -63,6 +66,8 @@ static const char usage[] =
 	"  -n, --count N         stop after N messages\n"
 	"  -l, --loop            repeat the inputs until --count or SIGINT; pass k > 0\n"
 	"                        sends spec_id \"<id>#k\" (distinct ids and keys)\n"
+	"SIGINT/SIGTERM stops sending, waits for the delivery of what was sent and\n"
+	"prints the final count (exit 0 if all delivered); a second one stops waiting.\n"
 	"  -X, --property K=V    raw librdkafka producer property (repeatable; overrides\n"
 	"                        the defaults enable.idempotence=true, linger.ms=5)\n"
 	"Environment: MTLZ_SCHEMA_DIR overrides where spectrum.avsc is.\n";
@@ -397,7 +402,7 @@ int main(int argc, char **argv)
 		for (int i = optind; i < argc && rc == 0; i++)
 			rc = send_file(&r, argv[i]);
 	}
-	while (!stop && rd_kafka_outq_len(r.rk) > 0 &&
+	while (stop < 2 && rd_kafka_outq_len(r.rk) > 0 &&
 	       rd_kafka_flush(r.rk, 1000) == RD_KAFKA_RESP_ERR__TIMED_OUT)
 		progress(&r, 0);
 	progress(&r, 1);
