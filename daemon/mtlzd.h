@@ -197,6 +197,7 @@ struct mtlzd {
 	pthread_cond_t cond_work;
 
 	mtlz_offsets *tracker;
+	atomic_int consumer_closing;  /* the deliver thread commits no more */
 	struct mtlzd_counters cnt;
 	struct mtlzd_wake wake;
 

@@ -698,9 +698,24 @@ static void *infer_main(void *arg)
 static void *deliver_main(void *arg)
 {
 	struct mtlzd *d = arg;
+	uint64_t committed = 0;
 
-	while (!atomic_load(&d->deliver_stop))
+	while (!atomic_load(&d->deliver_stop)) {
 		rd_kafka_poll(d->producer, 100);
+		/* at-least-once: commit what these delivery reports stored at
+		 * once (async), not at the next auto-commit, so that after a
+		 * crash only the batches whose output was not yet acknowledged
+		 * are read again. One commit per poll: a batch's reports
+		 * mostly come in one. */
+		if (!d->eos && !atomic_load(&d->consumer_closing)) {
+			const uint64_t stored = atomic_load(&d->cnt.offsets_stored);
+
+			if (stored != committed) {
+				committed = stored;
+				rd_kafka_commit(d->consumer, NULL, 1);
+			}
+		}
+	}
 	return NULL;
 }
 
@@ -746,7 +761,13 @@ static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 			e = rd_kafka_incremental_unassign(rk, parts);
 		else
 			rd_kafka_assign(rk, NULL);
-		mtlz_log(MTLZ_LOG_INFO, "event=revoked partitions=%d lost=%d", parts->cnt, lost);
+		if (lost)
+			mtlz_log(MTLZ_LOG_WARN, "event=revoked partitions=%d lost=1 detail=\"the "
+				 "group expired our generation: offsets since the last commit "
+				 "cannot be committed, their inputs are read again by the next "
+				 "owner (duplicates, no loss)\"", parts->cnt);
+		else
+			mtlz_log(MTLZ_LOG_INFO, "event=revoked partitions=%d lost=0", parts->cnt);
 	}
 	if (e) {
 		mtlz_log(MTLZ_LOG_ERROR, "event=rebalance_failed error=\"%s\"",
@@ -1247,6 +1268,7 @@ int mtlzd_run(struct mtlzd *d)
 		mtlzd_slot_release(&d->slots[d->open_slot]);
 	mtlzd_wake_stop(&d->wake);
 	report_status(d, 0, &last_results);  /* while the assignment gives the lag */
+	atomic_store(&d->consumer_closing, 1);
 	rd_kafka_consumer_close(d->consumer);
 	return atomic_load(&d->fatal) || rc ? 1 : 0;
 }
