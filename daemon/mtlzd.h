@@ -198,6 +198,8 @@ struct mtlzd {
 
 	mtlz_offsets *tracker;
 	atomic_int consumer_closing;  /* the deliver thread commits no more */
+	rd_kafka_queue_t *commit_q;   /* results of the deliver thread's commits */
+	atomic_uint rebalances;       /* rebalance callbacks run so far */
 	struct mtlzd_counters cnt;
 	struct mtlzd_wake wake;
 

@@ -695,26 +695,70 @@ static void *infer_main(void *arg)
 }
 
 /* @locality deliver thread */
+/* The delivery thread's commits (at-least-once). */
+struct commit_state {
+	uint64_t stored;          /* offsets_stored at the last commit */
+	int in_flight;            /* a commit awaits its result */
+	int paused;               /* a commit failed: none until a rebalance ends */
+	unsigned rebalances;      /* d->rebalances when paused */
+};
+
+/*
+ * Commits what the delivery reports stored, at once rather than at the next
+ * auto-commit, so that after a crash only the batches whose output was not
+ * yet acknowledged are read again: one asynchronous commit at a time, its
+ * result read from d->commit_q.
+ *
+ * Not while the group rebalances: in librdkafka before 2.10 a manual
+ * commit that meets the generation bump of a rebalance makes the consumer
+ * drop its assignment as lost (librdkafka issue #4059, fixed by PR #4908),
+ * and then the next owner re-reads everything since the last commit. Seen
+ * here: a daemon joining mid-stream made the working one lose its
+ * partitions and 236-300 of 300 inputs were processed twice. A failed
+ * commit (the group answers REBALANCE_IN_PROGRESS first) pauses these
+ * commits until the rebalance callback has run; librdkafka's own
+ * auto-commit, which it holds back while rebalancing, goes on meanwhile.
+ * @locality deliver thread
+ */
+static void commit_stored(struct mtlzd *d, struct commit_state *c)
+{
+	rd_kafka_event_t *ev;
+	uint64_t stored;
+
+	while ((ev = rd_kafka_queue_poll(d->commit_q, 0))) {
+		const rd_kafka_resp_err_t err = rd_kafka_event_error(ev);
+
+		if (rd_kafka_event_type(ev) == RD_KAFKA_EVENT_OFFSET_COMMIT) {
+			c->in_flight = 0;
+			if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET) {
+				c->paused = 1;
+				c->rebalances = atomic_load(&d->rebalances);
+				mtlz_log(MTLZ_LOG_DEBUG, "event=commit_paused error=\"%s\"",
+					 rd_kafka_err2str(err));
+			}
+		}
+		rd_kafka_event_destroy(ev);
+	}
+	if (c->paused && atomic_load(&d->rebalances) != c->rebalances)
+		c->paused = 0;
+	stored = atomic_load(&d->cnt.offsets_stored);
+	if (c->in_flight || c->paused || stored == c->stored ||
+	    atomic_load(&d->consumer_closing))
+		return;
+	c->stored = stored;
+	c->in_flight = rd_kafka_commit_queue(d->consumer, NULL, d->commit_q, NULL, NULL) ==
+		       RD_KAFKA_RESP_ERR_NO_ERROR;
+}
+
 static void *deliver_main(void *arg)
 {
 	struct mtlzd *d = arg;
-	uint64_t committed = 0;
+	struct commit_state c = { 0 };
 
 	while (!atomic_load(&d->deliver_stop)) {
 		rd_kafka_poll(d->producer, 100);
-		/* at-least-once: commit what these delivery reports stored at
-		 * once (async), not at the next auto-commit, so that after a
-		 * crash only the batches whose output was not yet acknowledged
-		 * are read again. One commit per poll: a batch's reports
-		 * mostly come in one. */
-		if (!d->eos && !atomic_load(&d->consumer_closing)) {
-			const uint64_t stored = atomic_load(&d->cnt.offsets_stored);
-
-			if (stored != committed) {
-				committed = stored;
-				rd_kafka_commit(d->consumer, NULL, 1);
-			}
-		}
+		if (!d->eos)
+			commit_stored(d, &c);
 	}
 	return NULL;
 }
@@ -774,6 +818,7 @@ static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 			 rd_kafka_error_string(e));
 		rd_kafka_error_destroy(e);
 	}
+	atomic_fetch_add(&d->rebalances, 1);   /* the deliver thread may commit again */
 }
 
 static void on_error(rd_kafka_t *rk, int err, const char *reason, void *opaque)
@@ -1061,6 +1106,7 @@ int mtlzd_start(struct mtlzd *d, const mtlz_conf *c, volatile sig_atomic_t *stop
 	if (!d->consumer)
 		return MTLZ_ERR_INVALID;
 	rd_kafka_poll_set_consumer(d->consumer);
+	d->commit_q = rd_kafka_queue_new(d->consumer);
 	if (mtlzd_wake_start(&d->wake, d->consumer))
 		return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "cannot start threads");
 	sub = rd_kafka_topic_partition_list_new(1);
@@ -1296,6 +1342,8 @@ void mtlzd_destroy(struct mtlzd *d)
 		rd_kafka_destroy(d->producer);
 	}
 	mtlzd_wake_stop(&d->wake);
+	if (d->commit_q)
+		rd_kafka_queue_destroy(d->commit_q);
 	if (d->consumer)
 		rd_kafka_destroy(d->consumer);
 	for (int i = 0; i < MTLZD_SLOTS; i++) {
