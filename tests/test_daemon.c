@@ -867,23 +867,6 @@ Test(daemon, poison_messages_go_to_dead_letter_and_stream_continues)
 	cr_assert_gt(count_in_log("mtlzd", " dead_letter=9 ", NULL, NULL), 0, "see %s", dir);
 }
 
-Test(daemon, sigterm_drains_and_commits)
-{
-	pid_t d = start_daemon("mtlzd", NULL, NULL);
-	int distinct;
-
-	replay(24, "single_object");
-	cr_assert_eq(read_results(24, 8, &distinct), 24);
-	kill(d, SIGTERM);
-	cr_assert_eq(wait_exit(d, 60), 0);
-	/* committed: a restarted daemon has nothing to redo */
-	d = start_daemon("mtlzd2", NULL, NULL);
-	sleep(6);
-	cr_assert_eq(read_results(25, 4, &distinct), 24, "no duplicates after a clean stop");
-	kill(d, SIGTERM);
-	cr_assert_eq(wait_exit(d, 60), 0);
-}
-
 /* Starts mtlz-replay of `count` spectra at `rate`/s in the background. */
 static pid_t replay_at_rate(int count, int rate)
 {
@@ -1235,6 +1218,40 @@ static void last_status(const char *name, char *last, size_t size)
 			snprintf(last, size, "%s", line);
 	if (f)
 		fclose(f);
+}
+
+/*
+ * SIGTERM mid-stream, batches in flight: the daemon finishes what it has
+ * taken in (its final status: consumed = results), commits and exits 0;
+ * a restarted daemon takes up exactly where it stopped: every input has
+ * one result, none two.
+ */
+Test(daemon, sigterm_drains_and_commits)
+{
+	pid_t d = start_daemon("mtlzd", NULL, "batch.max_delay_ms=200"), r;
+	char last[1024];
+	long consumed = -1, results = -2;
+	int distinct, n;
+
+	sleep(4);   /* joined before the stream starts */
+	r = replay_at_rate(480, 60);
+	n = read_results(40, 40, &distinct);   /* mid-stream: ~3 s of 8 */
+	cr_assert_geq(n, 40, "results before SIGTERM: %d (see %s)", n, dir);
+	kill(d, SIGTERM);
+	cr_assert_eq(wait_exit(d, 60), 0, "drained and stopped cleanly (see %s)", dir);
+	last_status("mtlzd", last, sizeof(last));
+	cr_assert(strstr(last, " consumed=") && strstr(last, " results="), "%s", last);
+	consumed = atol(strstr(last, " consumed=") + 10);
+	results = atol(strstr(last, " results=") + 9);
+	cr_assert(consumed == results && consumed >= 40 && consumed < 480,
+		  "what it took in it finished, mid-stream: %s", last);
+	d = start_daemon("mtlzd2", NULL, NULL);
+	cr_assert_eq(wait_exit(r, 60), 0, "replay (see %s)", dir);
+	n = read_results(1000, 30, &distinct);
+	cr_assert_eq(distinct, 480, "every input has a result (%d rows, %d distinct)", n, distinct);
+	cr_assert_eq(n, 480, "a clean stop committed what it finished: %d rows", n);
+	kill(d, SIGTERM);
+	cr_assert_eq(wait_exit(d, 60), 0);
 }
 
 /* A backlog far over the prefetch limit: librdkafka 2.0.2 stops fetching
