@@ -130,24 +130,35 @@ static int wait_exit(pid_t pid, int timeout_s)
 	return -1;
 }
 
-/* Starts the dev broker with SIGHUP injecting `hup` errors and writes the
- * daemon's configuration for it. */
-static void start_broker(const char *hup)
+/* Starts a dev broker (argv) logging to <dir>/<name>.log; its first line
+ * must be bootstrap=HOST:PORT, and HOST:PORT goes to `bootstrap`. */
+static pid_t spawn_broker(char *const argv[], const char *name, char *bootstrap, size_t size)
 {
 	char line[256], log[300];
 	int fd;
+	pid_t pid;
 	FILE *f;
-	char *argv[] = { BIN "/mtlz-devbroker", "--partitions", "4", "--hup-errors",
-			 (char *)hup, NULL };
 
-	snprintf(log, sizeof(log), "%s/broker.log", dir);
-	broker_pid = spawn(argv, log, &fd, NULL);
+	snprintf(log, sizeof(log), "%s/%s.log", dir, name);
+	pid = spawn(argv, log, &fd, NULL);
 	f = fdopen(fd, "r");
 	cr_assert_not_null(fgets(line, sizeof(line), f), "dev broker printed nothing");
 	cr_assert(strncmp(line, "bootstrap=", 10) == 0, "first line: %s", line);
 	line[strcspn(line, "\n")] = '\0';
-	snprintf(brokers, sizeof(brokers), "%s", line + 10);
+	snprintf(bootstrap, size, "%s", line + 10);
 	fclose(f);
+	return pid;
+}
+
+/* Starts the dev broker with SIGHUP injecting `hup` errors and writes the
+ * daemon's configuration for it. */
+static void start_broker(const char *hup)
+{
+	FILE *f;
+	char *argv[] = { BIN "/mtlz-devbroker", "--partitions", "4", "--hup-errors",
+			 (char *)hup, NULL };
+
+	broker_pid = spawn_broker(argv, "broker", brokers, sizeof(brokers));
 	snprintf(config, sizeof(config), "%s/mtlzd.yaml", dir);
 	f = fopen(config, "w");
 	fprintf(f, "kafka:\n  brokers: \"%s\"\n  group_id: mtlzd-test\n"
@@ -595,20 +606,14 @@ Test(daemon, replay_sends_a_directory_and_drains_on_sigint)
  * exist with N partitions (kcat -L reads the metadata). */
 Test(daemon, devbroker_creates_the_named_topics)
 {
-	char line[256], log[300], cmd[512];
-	int fd, n_a = 0, n_b = 0;
+	char boot[256], cmd[512];
+	int n_a = 0, n_b = 0;
 	char *argv[] = { BIN "/mtlz-devbroker", "--topics", "alpha,beta", "--partitions", "3",
 			 NULL };
-	pid_t b;
-	FILE *f;
+	pid_t b = spawn_broker(argv, "broker2", boot, sizeof(boot));
 
-	snprintf(log, sizeof(log), "%s/broker2.log", dir);
-	b = spawn(argv, log, &fd, NULL);
-	f = fdopen(fd, "r");
-	cr_assert_not_null(fgets(line, sizeof(line), f), "dev broker printed nothing");
-	cr_assert(strncmp(line, "bootstrap=127.0.0.1:", 20) == 0, "first line: %s", line);
-	line[strcspn(line, "\n")] = '\0';
-	snprintf(cmd, sizeof(cmd), "kcat -L -b %s 2>>%s/kcat.log", line + 10, dir);
+	cr_assert(strncmp(boot, "127.0.0.1:", 10) == 0, "on loopback: %s", boot);
+	snprintf(cmd, sizeof(cmd), "kcat -L -b %s 2>>%s/kcat.log", boot, dir);
 	{
 		FILE *p = popen(cmd, "r");
 		char *t = NULL;
@@ -628,7 +633,6 @@ Test(daemon, devbroker_creates_the_named_topics)
 	cr_assert(n_a == 1 && n_b == 1, "topics alpha and beta with 3 partitions (%d, %d)", n_a, n_b);
 	kill(b, SIGTERM);
 	cr_assert_eq(wait_exit(b, 10), 0, "SIGTERM stops it cleanly");
-	fclose(f);
 }
 
 Test(daemon, every_input_framing_is_read)
