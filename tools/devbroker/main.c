@@ -30,6 +30,7 @@
 #include <librdkafka/rdkafka.h>
 #include <librdkafka/rdkafka_mock.h>
 
+#include <errno.h>
 #include <getopt.h>
 #include <malloc.h>
 #include <signal.h>
@@ -68,6 +69,24 @@ static const char usage[] =
 	"in flight can lose messages (the mock does not check their sequence):\n"
 	"use max.in.flight.requests.per.connection=1.\n";
 
+/* A whole number in [lo, hi] from option `name`'s argument, or -1 with a
+ * message naming the option and the value. */
+static int whole_arg(const char *name, const char *arg, int lo, int hi, int *out)
+{
+	char *end;
+	long v;
+
+	errno = 0;
+	v = strtol(arg, &end, 10);
+	if (errno || end == arg || *end || v < lo || v > hi) {
+		fprintf(stderr, "mtlz-devbroker: %s '%s': not a whole number from %d to %d\n",
+			name, arg, lo, hi);
+		return -1;
+	}
+	*out = (int)v;
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	static const struct option opts[] = {
@@ -91,9 +110,15 @@ int main(int argc, char **argv)
 
 	while ((c = getopt_long(argc, argv, "p:t:b:f:h", opts, NULL)) != -1) {
 		switch (c) {
-		case 'p': partitions = atoi(optarg); break;
+		case 'p':
+			if (whole_arg("--partitions", optarg, 1, 1000, &partitions))
+				return 2;
+			break;
 		case 't': topics = optarg; break;
-		case 'b': n_brokers = atoi(optarg); break;
+		case 'b':
+			if (whole_arg("--brokers", optarg, 1, 16, &n_brokers))
+				return 2;
+			break;
 		case 'f': bfile = optarg; break;
 		case 'e': hup = optarg; break;
 		case 'h': fputs(usage, stdout); return 0;
