@@ -98,6 +98,19 @@ double mtlz_rng_uniform(mtlz_rng *r)
 	return (double)(mtlz_rng_next(r) >> 11) * 0x1.0p-53;
 }
 
+int mtlz_parse_int(const char *s, int lo, int hi, int *out)
+{
+	char *end;
+	long v;
+
+	errno = 0;
+	v = strtol(s, &end, 10);
+	if (errno || end == s || *end || v < lo || v > hi)
+		return -1;
+	*out = (int)v;
+	return 0;
+}
+
 void mtlz_omp_passive(char **argv)
 {
 	if (!getenv("OMP_WAIT_POLICY")) {

@@ -58,6 +58,9 @@ double mtlz_rng_uniform(mtlz_rng *r);
  * thread, OpenBLAS's own threads in training): spinning idle OpenMP threads
  * would take their cores. Returns only if it did not re-exec. */
 void mtlz_omp_passive(char **argv);
+
+/* A whole decimal number in [lo, hi], all of s; 0, or -1 (out untouched). */
+int mtlz_parse_int(const char *s, int lo, int hi, int *out);
 /* Fisher-Yates shuffle of v[n] with r. */
 void mtlz_shuffle_idx(size_t *v, size_t n, mtlz_rng *r);
 

@@ -694,7 +694,6 @@ static void *infer_main(void *arg)
 	return NULL;
 }
 
-/* @locality deliver thread */
 /* The delivery thread's commits (at-least-once). */
 struct commit_state {
 	uint64_t stored;          /* offsets_stored at the last commit */
@@ -750,6 +749,7 @@ static void commit_stored(struct mtlzd *d, struct commit_state *c)
 		       RD_KAFKA_RESP_ERR_NO_ERROR;
 }
 
+/* @locality deliver thread */
 static void *deliver_main(void *arg)
 {
 	struct mtlzd *d = arg;
@@ -1207,7 +1207,6 @@ static void report_status(struct mtlzd *d, double dt, uint64_t *last_results)
 	const double rate = dt > 0 ? (double)(res - *last_results) / dt : 0;
 	int unread;
 	const int64_t lag = consumer_lag(d, &unread);
-
 	char by_class[MTLZD_N_REASONS * 40] = "";
 	size_t used = 0;
 

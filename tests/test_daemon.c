@@ -524,17 +524,25 @@ Test(daemon, third_party_clients_read_every_output_framing, .timeout = 300)
 	}
 }
 
-/* Runs `cmd` and returns its first stdout line starting with `prefix`. */
+/* Reads f to its end; the first line starting with `prefix` goes to out
+ * ("" if none). */
+static void first_line_of(FILE *f, const char *prefix, char *out, size_t size)
+{
+	char line[1024];
+
+	cr_assert_not_null(f);
+	out[0] = '\0';
+	while (fgets(line, sizeof(line), f))
+		if (!out[0] && strncmp(line, prefix, strlen(prefix)) == 0)
+			snprintf(out, size, "%s", line);
+}
+
+/* Runs `cmd`; its first stdout line starting with `prefix` goes to out. */
 static void first_line(const char *cmd, const char *prefix, char *out, size_t size)
 {
 	FILE *p = popen(cmd, "r");
-	char line[1024];
 
-	cr_assert_not_null(p);
-	out[0] = '\0';
-	while (fgets(line, sizeof(line), p))
-		if (!out[0] && strncmp(line, prefix, strlen(prefix)) == 0)
-			snprintf(out, size, "%s", line);
+	first_line_of(p, prefix, out, size);
 	pclose(p);
 }
 
@@ -589,10 +597,7 @@ Test(daemon, replay_sends_a_directory_and_drains_on_sigint)
 	usleep(1500000);
 	kill(r, SIGINT);
 	p = fdopen(fd, "r");
-	line[0] = '\0';
-	while (fgets(cmd, sizeof(line), p))
-		if (strncmp(cmd, "replay: done ", 13) == 0)
-			memcpy(line, cmd, sizeof(line));
+	first_line_of(p, "replay: done ", line, sizeof(line));
 	fclose(p);
 	cr_assert_eq(waitpid(r, &st, 0), r);
 	forget_child(r);
@@ -1178,20 +1183,12 @@ Test(daemon, injected_errors_on_the_daemons_own_requests_are_retried)
 
 Test(daemon, daemon_joining_mid_stream_loses_nothing)
 {
-	char cmd[1024];
 	pid_t a = start_daemon("mtlzd-a", NULL, NULL), b, r;
 	int distinct, n, revoked;
 
 	sleep(4);
 	/* 300 spectra at 100/s in the background; B joins after ~1 s */
-	snprintf(cmd, sizeof(cmd), "MTLZ_SCHEMA_DIR=%s/schemas exec " BIN "/mtlz-replay --brokers %s "
-		 "--topic spectra --rate 100 --count 300 --loop " DATA "/spec-0266-51602-0001.fits "
-		 DATA "/coadd-4-80613.fits >>%s/replay.log 2>&1", MTLZ_SOURCE_DIR, brokers, dir);
-	r = fork();
-	if (r == 0) {
-		execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
-		_exit(127);
-	}
+	r = replay_at_rate(300, 100);
 	sleep(1);
 	b = start_daemon("mtlzd-b", NULL, NULL);
 	cr_assert_eq(wait_exit(r, 60), 0, "replay failed (%s)", dir);
@@ -1828,15 +1825,7 @@ Test(kafka, exactly_once_kill_9_no_loss_no_duplicates, .timeout = 600, .fini = k
 	d = start_daemon_v("mtlzd", NULL, sets);
 	sleep(6);
 	/* 300 spectra at 100/s; the daemon is killed 2 s in */
-	snprintf(cmd, sizeof(cmd), "MTLZ_SCHEMA_DIR=%s/schemas exec " BIN "/mtlz-replay --brokers %s "
-		 "--topic %s --rate 100 --count 300 --loop " DATA "/spec-0266-51602-0001.fits "
-		 DATA "/coadd-4-80613.fits >>%s/replay.log 2>&1", MTLZ_SOURCE_DIR, brokers,
-		 in_topic, dir);
-	r = fork();
-	if (r == 0) {
-		execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
-		_exit(127);
-	}
+	r = replay_at_rate(300, 100);
 	sleep(2);
 	kill(d, SIGKILL);  /* mid-stream, a transaction open */
 	wait_exit(d, 10);

@@ -27,10 +27,11 @@
  * (docs/daemon.md, "The dev broker's limits").
  */
 #define _DEFAULT_SOURCE
+#include "common.h"
+
 #include <librdkafka/rdkafka.h>
 #include <librdkafka/rdkafka_mock.h>
 
-#include <errno.h>
 #include <getopt.h>
 #include <malloc.h>
 #include <signal.h>
@@ -73,18 +74,11 @@ static const char usage[] =
  * message naming the option and the value. */
 static int whole_arg(const char *name, const char *arg, int lo, int hi, int *out)
 {
-	char *end;
-	long v;
-
-	errno = 0;
-	v = strtol(arg, &end, 10);
-	if (errno || end == arg || *end || v < lo || v > hi) {
-		fprintf(stderr, "mtlz-devbroker: %s '%s': not a whole number from %d to %d\n",
-			name, arg, lo, hi);
-		return -1;
-	}
-	*out = (int)v;
-	return 0;
+	if (mtlz_parse_int(arg, lo, hi, out) == 0)
+		return 0;
+	fprintf(stderr, "mtlz-devbroker: %s '%s': not a whole number from %d to %d\n", name, arg,
+		lo, hi);
+	return -1;
 }
 
 int main(int argc, char **argv)

@@ -29,7 +29,6 @@ int cmd_calibrate(int argc, char **argv);
 void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* Parses a positive int / comma list of positive ints; -1 on error. */
-int cli_parse_int(const char *s, int lo, int hi, int *out);
 int cli_parse_int_list(const char *s, int lo, int hi, int *out, int max);
 
 /*

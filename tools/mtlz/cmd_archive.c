@@ -237,7 +237,7 @@ int cmd_archive(int argc, char **argv)
 		case 's': dst = &sel.sn_min; break;
 		case 'B': balance = 1; break;
 		case 'k':
-			if (cli_parse_int(optarg, 1, 1 << 30, &per_class) < 0) {
+			if (mtlz_parse_int(optarg, 1, 1 << 30, &per_class) < 0) {
 				cli_error("archive: --per-class '%s' invalid", optarg);
 				return EXIT_USAGE;
 			}
@@ -250,7 +250,7 @@ int cmd_archive(int argc, char **argv)
 			}
 			break;
 		case 'n':
-			if (cli_parse_int(optarg, 1, 1 << 30, &per_file) < 0) {
+			if (mtlz_parse_int(optarg, 1, 1 << 30, &per_file) < 0) {
 				cli_error("archive: --per-file '%s' invalid", optarg);
 				return EXIT_USAGE;
 			}

@@ -376,7 +376,7 @@ int cmd_bench(int argc, char **argv)
 			}
 			break;
 		case 'M':
-			if (cli_parse_int(optarg, 0, 10000, &mc) < 0) {
+			if (mtlz_parse_int(optarg, 0, 10000, &mc) < 0) {
 				cli_error("bench: --mc '%s' invalid", optarg);
 				return EXIT_USAGE;
 			}

@@ -151,7 +151,7 @@ int cmd_calibrate(int argc, char **argv)
 			break;
 		}
 		case 't':
-			if (cli_parse_int(optarg, 1, 1024, &threads) < 0) {
+			if (mtlz_parse_int(optarg, 1, 1024, &threads) < 0) {
 				cli_error("calibrate: --threads '%s' invalid", optarg);
 				return EXIT_USAGE;
 			}

@@ -201,20 +201,20 @@ int cmd_classify(int argc, char **argv)
 			c.jsonl = strcmp(optarg, "jsonl") == 0;
 			break;
 		case 'M':
-			if (cli_parse_int(optarg, 0, 10000, &c.mc) < 0) {
+			if (mtlz_parse_int(optarg, 0, 10000, &c.mc) < 0) {
 				cli_error("classify: --mc '%s' must be 0..10000", optarg);
 				return EXIT_USAGE;
 			}
 			break;
 		case 'A': c.all_metal = 1; break;
 		case 't':
-			if (cli_parse_int(optarg, 1, 1024, &eo.n_threads) < 0) {
+			if (mtlz_parse_int(optarg, 1, 1024, &eo.n_threads) < 0) {
 				cli_error("classify: --threads '%s' must be 1..1024", optarg);
 				return EXIT_USAGE;
 			}
 			break;
 		case 'b':
-			if (cli_parse_int(optarg, 1, 4096, &c.batch) < 0) {
+			if (mtlz_parse_int(optarg, 1, 4096, &c.batch) < 0) {
 				cli_error("classify: --batch '%s' must be 1..4096", optarg);
 				return EXIT_USAGE;
 			}

@@ -66,13 +66,13 @@ int cmd_consume(int argc, char **argv)
 		case 'b': brokers = optarg; break;
 		case 't': topic = optarg; break;
 		case 'n':
-			if (cli_parse_int(optarg, 0, 1 << 30, &count) < 0) {
+			if (mtlz_parse_int(optarg, 0, 1 << 30, &count) < 0) {
 				cli_error("consume: --count '%s' invalid", optarg);
 				return EXIT_USAGE;
 			}
 			break;
 		case 'w':
-			if (cli_parse_int(optarg, 1, 86400, &timeout) < 0) {
+			if (mtlz_parse_int(optarg, 1, 86400, &timeout) < 0) {
 				cli_error("consume: --timeout '%s' invalid", optarg);
 				return EXIT_USAGE;
 			}

@@ -58,19 +58,19 @@ int cmd_eval(int argc, char **argv)
 				data[n_data++] = optarg;
 			break;
 		case 'M':
-			if (cli_parse_int(optarg, 0, 10000, &o.mc) < 0) {
+			if (mtlz_parse_int(optarg, 0, 10000, &o.mc) < 0) {
 				cli_error("eval: --mc '%s' invalid", optarg);
 				return EXIT_USAGE;
 			}
 			break;
 		case 't':
-			if (cli_parse_int(optarg, 1, 1024, &o.threads) < 0) {
+			if (mtlz_parse_int(optarg, 1, 1024, &o.threads) < 0) {
 				cli_error("eval: --threads '%s' invalid", optarg);
 				return EXIT_USAGE;
 			}
 			break;
 		case 'b':
-			if (cli_parse_int(optarg, 0, 100000, &o.n_boot) < 0) {
+			if (mtlz_parse_int(optarg, 0, 100000, &o.n_boot) < 0) {
 				cli_error("eval: --bootstrap '%s' invalid", optarg);
 				return EXIT_USAGE;
 			}

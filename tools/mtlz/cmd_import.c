@@ -606,7 +606,7 @@ int cmd_import(int argc, char **argv)
 		case 'S': im.source = optarg; break;
 		case 'V': im.source_version = optarg; break;
 		case 'n':
-			if (cli_parse_int(optarg, 1, 1 << 30, &per_file) < 0) {
+			if (mtlz_parse_int(optarg, 1, 1 << 30, &per_file) < 0) {
 				cli_error("import: --per-file '%s' invalid", optarg);
 				return EXIT_USAGE;
 			}

@@ -70,7 +70,7 @@ int cmd_init(int argc, char **argv)
 			}
 			break;
 		case 'r':
-			if (cli_parse_int(optarg, 0, 4096, &a.attention_reduction) < 0) {
+			if (mtlz_parse_int(optarg, 0, 4096, &a.attention_reduction) < 0) {
 				cli_error("init: --attention-reduction '%s' invalid", optarg);
 				return EXIT_USAGE;
 			}

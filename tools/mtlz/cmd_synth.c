@@ -223,13 +223,13 @@ int cmd_synth(int argc, char **argv)
 			}
 			break;
 		case 'p':
-			if (cli_parse_int(optarg, 1, 1 << 30, &per_file) < 0) {
+			if (mtlz_parse_int(optarg, 1, 1 << 30, &per_file) < 0) {
 				cli_error("synth: --per-file '%s': need 1 .. %d", optarg, 1 << 30);
 				return EXIT_USAGE;
 			}
 			break;
 		case 't':
-			if (cli_parse_int(optarg, 1, 1024, &n_threads) < 0) {
+			if (mtlz_parse_int(optarg, 1, 1024, &n_threads) < 0) {
 				cli_error("synth: --threads '%s': need 1 .. 1024", optarg);
 				return EXIT_USAGE;
 			}

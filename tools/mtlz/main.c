@@ -6,7 +6,6 @@
 #include "common.h"
 #include "mtlz_engine.h"
 
-#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,19 +45,6 @@ void cli_error(const char *fmt, ...)
 	fputc('\n', stderr);
 }
 
-int cli_parse_int(const char *s, int lo, int hi, int *out)
-{
-	char *end;
-	long v;
-
-	errno = 0;
-	v = strtol(s, &end, 10);
-	if (errno || end == s || *end || v < lo || v > hi)
-		return -1;
-	*out = (int)v;
-	return 0;
-}
-
 int cli_parse_int_list(const char *s, int lo, int hi, int *out, int max)
 {
 	char buf[256], *save = NULL, *tok;
@@ -68,7 +54,7 @@ int cli_parse_int_list(const char *s, int lo, int hi, int *out, int max)
 		return -1;
 	strcpy(buf, s);
 	for (tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
-		if (n == max || cli_parse_int(tok, lo, hi, &out[n]) < 0)
+		if (n == max || mtlz_parse_int(tok, lo, hi, &out[n]) < 0)
 			return -1;
 		n++;
 	}

@@ -66,10 +66,10 @@ static const char usage[] =
 	"  -n, --count N         stop after N messages\n"
 	"  -l, --loop            repeat the inputs until --count or SIGINT; pass k > 0\n"
 	"                        sends spec_id \"<id>#k\" (distinct ids and keys)\n"
-	"SIGINT/SIGTERM stops sending, waits for the delivery of what was sent and\n"
-	"prints the final count (exit 0 if all delivered); a second one stops waiting.\n"
 	"  -X, --property K=V    raw librdkafka producer property (repeatable; overrides\n"
 	"                        the defaults enable.idempotence=true, linger.ms=5)\n"
+	"SIGINT/SIGTERM stops sending, waits for the delivery of what was sent and\n"
+	"prints the final count (exit 0 if all delivered); a second one stops waiting.\n"
 	"Environment: MTLZ_SCHEMA_DIR overrides where spectrum.avsc is.\n";
 
 struct replay {
