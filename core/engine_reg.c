@@ -6,10 +6,12 @@
 #include "engine_impl.h"
 #include "common.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #ifdef MTLZ_WITH_CUDA
 extern const struct mtlz_engine_backend_i mtlz_engine_cuda;
@@ -39,11 +41,16 @@ struct mtlz_engine {
  * retry-then-stop, tests/test_daemon.c): MTLZ_FAULT_ENGINE=N makes the Nth
  * mtlz_engine_run() of each engine (counting batches with n > 0; warm-up
  * does not count) fail as a device error would; "N+" makes the Nth and
- * every later call fail. Unset or empty (always in production): no effect.
+ * every later call fail. MTLZ_FAULT_ENGINE_NAN=N (or "N+") instead lets
+ * the call run and then makes the first spectrum's outputs NaN, as a
+ * diverged model would (mtlzd's non-finite output guard).
+ * MTLZ_FAULT_ENGINE_STALL=N:MS makes the Nth call sleep MS milliseconds
+ * first, as a hung device would (mtlzd's backpressure). Unset or empty
+ * (always in production): no effect.
  */
-static int fault_injected(long call)
+static int fault_injected(const char *var, long call)
 {
-	const char *v = getenv("MTLZ_FAULT_ENGINE");
+	const char *v = getenv(var);
 	char *end;
 	long n;
 
@@ -53,6 +60,26 @@ static int fault_injected(long call)
 	if (n < 1)
 		return 0;
 	return *end == '+' ? call >= n : call == n;
+}
+
+static void fault_stall(long call)
+{
+	const char *v = getenv("MTLZ_FAULT_ENGINE_STALL");
+	char *end;
+	long n, ms;
+
+	if (!v || !*v)
+		return;
+	n = strtol(v, &end, 10);
+	if (n != call || *end != ':')
+		return;
+	ms = strtol(end + 1, &end, 10);
+	if (ms > 0 && ms <= 600000) {
+		struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
+
+		while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+			;
+	}
 }
 
 const char *mtlz_engine_kinds(void)
@@ -182,15 +209,21 @@ int mtlz_engine_run(mtlz_engine *e, const float *x, int n, int mc_samples,
 				e->be->name, mc_samples);
 	if (n == 0)
 		return MTLZ_OK;
-	if (fault_injected(++e->n_runs))
+	if (fault_injected("MTLZ_FAULT_ENGINE", ++e->n_runs))
 		return mtlz_err(errstr, errstr_size, MTLZ_ERR_IO,
 				"engine %s: injected fault (MTLZ_FAULT_ENGINE=%s, call %ld)",
 				e->be->name, getenv("MTLZ_FAULT_ENGINE"), e->n_runs);
+	fault_stall(e->n_runs);
 	t0 = mtlz_now();
 	rc = e->be->run(e->ctx, x, n, mc_samples, out, errstr, errstr_size);
 	if (rc == MTLZ_OK && e->be->sync)
 		rc = e->be->sync(e->ctx);
 	e->stats.busy_s += mtlz_now() - t0;
+	if (rc == MTLZ_OK && fault_injected("MTLZ_FAULT_ENGINE_NAN", e->n_runs)) {
+		for (int k = 0; k < MTLZ_MAX_CLASSES; k++)
+			out[0].prob[k] = NAN;
+		out[0].metal = out[0].metal_sigma = NAN;
+	}
 	if (rc == MTLZ_OK) {
 		e->stats.n_batches++;
 		e->stats.n_spectra += (uint64_t)n;
@@ -218,6 +251,45 @@ void mtlz_softmax_outputs(const float *logits, int n, int K, float inv_t, mtlz_o
 			out[i].prob[k] /= s;
 		out[i].cls = arg;
 	}
+}
+
+int mtlz_output_check(const mtlz_output *o, int n_classes, int metal_class, int mc_samples,
+		      char *why, size_t why_size)
+{
+	double sum = 0;
+
+	for (int k = 0; k < n_classes; k++) {
+		if (!isfinite(o->prob[k]) || o->prob[k] < 0.0f || o->prob[k] > 1.0f) {
+			snprintf(why, why_size, "class probability %d is %g", k, (double)o->prob[k]);
+			return -1;
+		}
+		sum += o->prob[k];
+	}
+	if (fabs(sum - 1.0) > 1e-3) {
+		snprintf(why, why_size, "class probabilities sum to %.6f", sum);
+		return -1;
+	}
+	if (o->cls < 0 || o->cls >= n_classes) {
+		snprintf(why, why_size, "class %d of %d", o->cls, n_classes);
+		return -1;
+	}
+	for (int k = 0; k < n_classes; k++)
+		if (o->prob[k] > o->prob[o->cls]) {
+			snprintf(why, why_size, "class %d has probability %g, below class %d's %g",
+				 o->cls, (double)o->prob[o->cls], k, (double)o->prob[k]);
+			return -1;
+		}
+	if (o->cls != metal_class)
+		return 0;
+	if (!isfinite(o->metal)) {
+		snprintf(why, why_size, "metallicity is %g", (double)o->metal);
+		return -1;
+	}
+	if (mc_samples > 0 && !(isfinite(o->metal_sigma) && o->metal_sigma >= 0.0f)) {
+		snprintf(why, why_size, "metallicity sigma is %g", (double)o->metal_sigma);
+		return -1;
+	}
+	return 0;
 }
 
 const char *mtlz_engine_name(const mtlz_engine *e) { return e->be->name; }

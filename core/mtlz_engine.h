@@ -79,6 +79,19 @@ const char *mtlz_engine_describe(const mtlz_engine *e);
 void mtlz_engine_get_stats(const mtlz_engine *e, mtlz_engine_stats *s);
 void mtlz_engine_free(mtlz_engine *e);
 
+/*
+ * Whether one output can be published: every probability finite and in
+ * [0, 1], their sum within 1e-3 of 1, cls in [0, n_classes) and one of the
+ * largest probabilities; when cls == metal_class (the conditional
+ * regression) a finite metallicity, and with mc_samples > 0 a finite,
+ * non-negative sigma. 0 if so; otherwise -1 and why says which value is
+ * wrong. Weights are checked finite at load and inputs are normalized, so
+ * this guards against what neither catches (a diverged model whose finite
+ * weights overflow, a device fault).
+ */
+int mtlz_output_check(const mtlz_output *o, int n_classes, int metal_class, int mc_samples,
+		      char *why, size_t why_size);
+
 /* Comma-separated list of the backends compiled into this build. */
 const char *mtlz_engine_kinds(void);
 

@@ -7,12 +7,14 @@
  *            worker; closes a slot on batch.max_size or batch.max_delay_ms;
  *            serves rebalances; sends systemd notifications.
  *   prep-N   preprocess.threads workers: decode (Avro), validate and
- *            preprocess a message straight into its reserved slot position,
- *            or dead-letter it; then hand the message back to librdkafka.
+ *            preprocess a message straight into its reserved slot position
+ *            (the slot keeps the message until it is released), or
+ *            dead-letter it and hand it back to librdkafka.
  *   infer    owns the engine (and every CUDA call): takes the oldest closed
  *            slot once all its positions are filled, compacts it (drops the
- *            dead-lettered positions), runs it, encodes the results and
- *            produces them in position order (= arrival order).
+ *            dead-lettered positions), runs it, dead-letters any spectrum
+ *            whose outputs cannot be published (non-finite), encodes the
+ *            results and produces them in position order (= arrival order).
  *   deliver  serves the producer's delivery reports: an input offset is
  *            stored for commit only once its result (or its dead-letter
  *            record) is acknowledged, in offset order per partition.
@@ -53,11 +55,12 @@
 #define MTLZD_TXN_MAX_ABORTS 6   /* consecutive aborted transactions: give up */
 #define MTLZD_STAR_FORMING 1  /* class index (checked against the model at start) */
 
-/* Dead-letter reason classes: decode errors, then preprocessing rejects. */
+/* Dead-letter reason classes: decode errors, then preprocessing rejects,
+ * then outputs the engine gave that cannot be published. */
 enum mtlzd_reason {
 	MTLZD_R_FRAMING, MTLZD_R_SCHEMA, MTLZD_R_AVRO, MTLZD_R_INVALID,
 	MTLZD_R_OVERSIZE, MTLZD_R_BAD_GRID, MTLZD_R_NO_DATA, MTLZD_R_COVERAGE,
-	MTLZD_R_BAD_PIXELS, MTLZD_R_NONPOSITIVE_MEAN,
+	MTLZD_R_BAD_PIXELS, MTLZD_R_NONPOSITIVE_MEAN, MTLZD_R_NONFINITE_OUTPUT,
 	MTLZD_N_REASONS
 };
 
@@ -126,6 +129,8 @@ struct mtlzd_slot {
 	double opened_at;
 	float *x;                 /* [max_batch][input_length] */
 	struct mtlzd_item *items; /* [max_batch] */
+	rd_kafka_message_t **msg; /* [max_batch] each spectrum's input, held until
+				   * release: its dead letter if the output is bad */
 	mtlz_output *out;         /* [max_batch] */
 	struct mtlzd_dead *dead;  /* [max_batch] */
 	unsigned char *state;     /* [max_batch] enum mtlzd_pos */
@@ -200,6 +205,7 @@ struct mtlzd {
 	atomic_int consumer_closing;  /* the deliver thread commits no more */
 	rd_kafka_queue_t *commit_q;   /* results of the deliver thread's commits */
 	atomic_uint rebalances;       /* rebalance callbacks run so far */
+	atomic_uint commits_ok;       /* librdkafka's auto-commits that succeeded */
 	struct mtlzd_counters cnt;
 	struct mtlzd_wake wake;
 
@@ -218,6 +224,9 @@ struct mtlzd {
 	atomic_int infer_stop, deliver_stop;
 	atomic_int fatal;             /* a fatal error: stop and exit non-zero */
 	atomic_int joined;            /* first assignment seen */
+	int paused;                   /* consume thread: the assignment is paused */
+	double pause_after_s;         /* no free slot this long: pause */
+	atomic_uint_fast64_t pauses;  /* times paused */
 	atomic_int_fast64_t infer_alive_us;
 	pthread_t infer_thr, deliver_thr;
 };

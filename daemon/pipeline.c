@@ -22,6 +22,7 @@
 static const char *const reason_names[MTLZD_N_REASONS] = {
 	"framing", "schema", "avro", "invalid", "oversize",
 	"bad_grid", "no_data", "coverage", "bad_pixels", "nonpositive_mean",
+	"nonfinite_output",
 };
 
 const char *mtlzd_reason_name(int r)
@@ -200,10 +201,35 @@ static void dead_letter_build(struct mtlzd *d, const rd_kafka_message_t *m, int 
 	dl->offset = m->offset;
 }
 
-/* Dead-letters m, whose reserved position is (s, pos): now (at_least_once),
- * or deferred into the slot so that it is produced in that slot's
- * transaction (exactly_once), with value and key copied since m is handed
- * back to librdkafka at once. @locality a preprocess worker */
+/* Produces dl now (at_least_once: 0), or defers it to *into, to be
+ * produced in its slot's transaction (exactly_once: 1), with value and key
+ * copied since the message they point into is handed back to librdkafka
+ * first; -1 out of memory (fatal: not processed, so not committed). */
+static int dead_letter_route(struct mtlzd *d, struct mtlzd_dead *dl, struct mtlzd_dead *into)
+{
+	if (!d->eos) {
+		mtlzd_dead_letter_send(d, dl);
+		return 0;
+	}
+	dl->buf = malloc(dl->value_len + dl->key_len + 1);
+	if (!dl->buf) {
+		rd_kafka_headers_destroy(dl->hdrs);
+		mtlz_log(MTLZ_LOG_ERROR, "event=out_of_memory detail=\"dead letter\"");
+		mtlzd_set_fatal(d);
+		return -1;
+	}
+	if (dl->value_len)
+		memcpy(dl->buf, dl->value, dl->value_len);
+	if (dl->key_len)
+		memcpy((char *)dl->buf + dl->value_len, dl->key, dl->key_len);
+	dl->value = dl->buf;
+	dl->key = dl->key ? (char *)dl->buf + dl->value_len : NULL;
+	*into = *dl;
+	return 1;
+}
+
+/* Dead-letters m, whose reserved position is (s, pos): now, or deferred to
+ * that position (dead_letter_route). @locality a preprocess worker */
 static void dead_letter(struct mtlzd *d, struct mtlzd_slot *s, int pos,
 			const rd_kafka_message_t *m, int reason, const char *detail)
 {
@@ -214,26 +240,8 @@ static void dead_letter(struct mtlzd *d, struct mtlzd_slot *s, int pos,
 		 " class=%s detail=\"%s\"", m->partition, m->offset,
 		 mtlzd_reason_name(reason), detail);
 	dead_letter_build(d, m, reason, detail, &dl);
-	s->state[pos] = MTLZD_POS_EMPTY;
-	if (!d->eos) {
-		mtlzd_dead_letter_send(d, &dl);
-		return;
-	}
-	dl.buf = malloc(dl.value_len + dl.key_len + 1);
-	if (!dl.buf) {
-		rd_kafka_headers_destroy(dl.hdrs);
-		mtlz_log(MTLZ_LOG_ERROR, "event=out_of_memory detail=\"dead letter\"");
-		mtlzd_set_fatal(d);
-		return; /* fatal: not processed, so not committed */
-	}
-	if (dl.value_len)
-		memcpy(dl.buf, dl.value, dl.value_len);
-	if (dl.key_len)
-		memcpy((char *)dl.buf + dl.value_len, dl.key, dl.key_len);
-	dl.value = dl.buf;
-	dl.key = dl.key ? (char *)dl.buf + dl.value_len : NULL;
-	s->dead[pos] = dl;
-	s->state[pos] = MTLZD_POS_DEAD;
+	s->state[pos] = dead_letter_route(d, &dl, &s->dead[pos]) == 1 ? MTLZD_POS_DEAD :
+									   MTLZD_POS_EMPTY;
 }
 
 /* ---- slots ---------------------------------------------------------- */
@@ -269,12 +277,10 @@ void mtlzd_close_open_slot(struct mtlzd *d)
 
 /*
  * Makes sure there is an open slot, waiting for the infer thread if all are
- * busy. This is the backpressure: while we wait, nothing is polled, so
- * librdkafka's prefetch queue fills up to queued.max.messages.kbytes and its
- * fetcher stops; memory stays bounded whatever the backlog. (Pausing the
- * partitions instead would purge the prefetched messages and re-fetch them;
- * librdkafka 2.0.2 has been seen to stall after such a resume.)
- * @locality consume thread
+ * busy. The consume loop waits for a free slot before it polls (see
+ * backpressure()), so this waits only for a message that a poll returned
+ * anyway (a rebalance callback closed the open slot, or a message of a
+ * paused partition slipped through). @locality consume thread
  */
 static int ensure_open_slot(struct mtlzd *d)
 {
@@ -312,6 +318,8 @@ static void slot_compact(struct mtlzd *d, struct mtlzd_slot *s)
 				memcpy(s->x + (size_t)n * d->L, s->x + (size_t)i * d->L,
 				       (size_t)d->L * sizeof(float));
 				s->items[n] = s->items[i];
+				s->msg[n] = s->msg[i];
+				s->msg[i] = NULL;
 			}
 			n++;
 			break;
@@ -332,7 +340,8 @@ static void slot_compact(struct mtlzd *d, struct mtlzd_slot *s)
 }
 
 /* Drops what a slot holds beyond its preallocated buffers (deferred dead
- * letters, compacted or not). */
+ * letters, compacted or not; the input messages, handed back to
+ * librdkafka). */
 void mtlzd_slot_release(struct mtlzd_slot *s)
 {
 	for (int i = 0; s->dead && i < s->cap; i++) {
@@ -341,9 +350,106 @@ void mtlzd_slot_release(struct mtlzd_slot *s)
 		free(s->dead[i].buf);
 		memset(&s->dead[i], 0, sizeof(s->dead[i]));
 	}
+	for (int i = 0; s->msg && i < s->cap; i++)
+		if (s->msg[i]) {
+			rd_kafka_message_destroy(s->msg[i]);
+			s->msg[i] = NULL;
+		}
 	s->n_dead = 0;
 	s->n = 0;
 	s->n_res = s->n_filled = 0;
+}
+
+/* Whether the consume thread has somewhere to put the next message. */
+static int slot_available(struct mtlzd *d)
+{
+	int free_;
+
+	if (d->open_slot >= 0)
+		return 1;
+	pthread_mutex_lock(&d->lock);
+	free_ = d->n_free > 0;
+	pthread_mutex_unlock(&d->lock);
+	return free_;
+}
+
+/* Pauses (or resumes) every assigned partition; partitions assigned while
+ * paused are paused by on_rebalance. @locality consume thread */
+static void set_paused(struct mtlzd *d, int pause, double waited_s)
+{
+	rd_kafka_topic_partition_list_t *a = NULL;
+	rd_kafka_resp_err_t err = RD_KAFKA_RESP_ERR_NO_ERROR;
+	int n = 0;
+
+	if (rd_kafka_assignment(d->consumer, &a) == RD_KAFKA_RESP_ERR_NO_ERROR && a) {
+		n = a->cnt;
+		if (n)
+			err = pause ? rd_kafka_pause_partitions(d->consumer, a) :
+				      rd_kafka_resume_partitions(d->consumer, a);
+		rd_kafka_topic_partition_list_destroy(a);
+	}
+	if (err)
+		mtlz_log(MTLZ_LOG_WARN, "event=%s_failed error=\"%s\"", pause ? "pause" : "resume",
+			 rd_kafka_err2str(err));
+	d->paused = pause;
+	if (pause) {
+		atomic_fetch_add(&d->pauses, 1);
+		mtlz_log(MTLZ_LOG_WARN, "event=paused partitions=%d waited_ms=%.0f detail=\"no "
+			 "batch slot free: the engine or the output topic is stalled; consumption "
+			 "paused, polling goes on\"", n, waited_s * 1000);
+	} else {
+		mtlz_log(MTLZ_LOG_INFO, "event=resumed partitions=%d paused_ms=%.0f", n,
+			 waited_s * 1000);
+	}
+}
+
+/*
+ * Backpressure, called before each poll: 1 if the consume thread may take
+ * a message, 0 if every slot is busy (the engine or the output topic is
+ * slower than the input; the producer's queue is bounded, so a stalled
+ * output stops the infer thread and with it the slots).
+ *
+ * First it waits without polling, up to pause_after_s: librdkafka's
+ * prefetch queue fills to queued.max.messages.kbytes and its fetcher
+ * stops, so memory stays bounded whatever the backlog, and the prefetched
+ * messages are kept for when a slot frees (the usual case: a backlog
+ * draining, each wait shorter than a batch). Past that (an outage), it
+ * pauses the assignment and polls again (0 with nothing taken): a consumer
+ * that stops polling for max.poll.interval.ms is evicted from its group,
+ * and polling also serves rebalances. Pausing drops the prefetched
+ * messages; they are fetched again after the resume, from the position of
+ * the last message taken. @locality consume thread
+ */
+static int backpressure(struct mtlzd *d, double *stalled_since)
+{
+	const double now = mtlz_now();
+	struct timespec ts;
+
+	if (slot_available(d)) {
+		if (d->paused)
+			set_paused(d, 0, now - *stalled_since);
+		*stalled_since = 0;
+		return 1;
+	}
+	if (*stalled_since == 0)
+		*stalled_since = now;
+	if (d->paused)
+		return 1; /* poll: nothing comes from a paused partition */
+	if (now - *stalled_since >= d->pause_after_s) {
+		set_paused(d, 1, now - *stalled_since);
+		return 1;
+	}
+	clock_gettime(CLOCK_REALTIME, &ts);
+	ts.tv_nsec += 100 * 1000000L;
+	if (ts.tv_nsec >= 1000000000L) {
+		ts.tv_sec++;
+		ts.tv_nsec -= 1000000000L;
+	}
+	pthread_mutex_lock(&d->lock);
+	if (d->n_free == 0 && !atomic_load(&d->fatal))
+		pthread_cond_timedwait(&d->cond_free, &d->lock, &ts);
+	pthread_mutex_unlock(&d->lock);
+	return 0;
 }
 
 /* Waits until every slot is back (in-flight batches produced).
@@ -419,9 +525,10 @@ static void handle_message(struct mtlzd *d, rd_kafka_message_t *m)
 
 /* ---- preprocess workers --------------------------------------------- */
 
-/* Decodes, validates and preprocesses j's message into its slot position,
- * or dead-letters it. @locality a preprocess worker (owns j->m) */
-static void prep_job(struct mtlzd_worker *w, const struct mtlzd_job *j)
+/* Decodes, validates and preprocesses j's message into its slot position
+ * (1: the slot keeps the message), or dead-letters it (0: the caller hands
+ * it back). @locality a preprocess worker (owns j->m) */
+static int prep_job(struct mtlzd_worker *w, const struct mtlzd_job *j)
 {
 	struct mtlzd *d = w->d;
 	struct mtlzd_slot *s = &d->slots[j->slot];
@@ -435,13 +542,13 @@ static void prep_job(struct mtlzd_worker *w, const struct mtlzd_job *j)
 
 	if (atomic_load(&d->fatal)) {
 		s->state[j->pos] = MTLZD_POS_EMPTY; /* stopping: read again later */
-		return;
+		return 0;
 	}
 	if (m->len > (size_t)d->conf->input_max_message_bytes) {
 		snprintf(err, sizeof(err), "%zu bytes, input.max_message_bytes is %d",
 			 m->len, d->conf->input_max_message_bytes);
 		dead_letter(d, s, j->pos, m, MTLZD_R_OVERSIZE, err);
-		return;
+		return 0;
 	}
 	mtlz_spectrum_init(&sp);
 	t0 = mtlzd_now_us();
@@ -450,7 +557,7 @@ static void prep_job(struct mtlzd_worker *w, const struct mtlzd_job *j)
 		atomic_fetch_add(&d->cnt.consume_busy_us, (uint64_t)(mtlzd_now_us() - t0));
 		mtlz_spectrum_clear(&sp);
 		dead_letter(d, s, j->pos, m, decode_reason(e), err);
-		return;
+		return 0;
 	}
 	snprintf(sp.source, sizeof(sp.source), "%s[%" PRId32 "]@%" PRId64,
 		 rd_kafka_topic_name(m->rkt), m->partition, m->offset);
@@ -461,7 +568,7 @@ static void prep_job(struct mtlzd_worker *w, const struct mtlzd_job *j)
 		mtlz_spectrum_clear(&sp);
 		dead_letter(d, s, j->pos, m, info.reject ? prep_reason(info.reject) :
 			    MTLZD_R_INVALID, err);
-		return;
+		return 0;
 	}
 	snprintf(it->spec_id, sizeof(it->spec_id), "%s", sp.spec_id);
 	it->partition = m->partition;
@@ -469,7 +576,9 @@ static void prep_job(struct mtlzd_worker *w, const struct mtlzd_job *j)
 	it->ts_ms = rd_kafka_message_timestamp(m, NULL);
 	it->flags = info.flags;
 	mtlz_spectrum_clear(&sp);
+	s->msg[j->pos] = j->m;
 	s->state[j->pos] = MTLZD_POS_SPECTRUM;
+	return 1;
 }
 
 /* @locality preprocess worker thread */
@@ -494,8 +603,8 @@ static void *worker_main(void *arg)
 		d->n_jobs--;
 		pthread_mutex_unlock(&d->work_lock);
 
-		prep_job(w, &j);
-		rd_kafka_message_destroy(j.m);
+		if (!prep_job(w, &j))
+			rd_kafka_message_destroy(j.m);
 		s = &d->slots[j.slot];
 		pthread_mutex_lock(&d->lock);
 		s->n_filled++;
@@ -633,6 +742,49 @@ static int run_engine(struct mtlzd *d, struct mtlzd_slot *s)
 	}
 }
 
+/*
+ * Dead-letters every spectrum of slot s whose outputs cannot be published
+ * (mtlz_output_check: non-finite or inconsistent) with its original
+ * message, now or with the slot's transaction (dead_letter_route), and
+ * closes the gap in items/out/msg: nothing NaN is ever produced and the
+ * input still gets its one outcome. @locality infer thread
+ */
+static void quarantine_outputs(struct mtlzd *d, struct mtlzd_slot *s)
+{
+	const int K = mtlz_model_arch(d->model)->n_classes;
+	int n = 0;
+
+	for (int i = 0; i < s->n; i++) {
+		char why[160], detail[256];
+		struct mtlzd_dead dl;
+
+		if (mtlz_output_check(&s->out[i], K, MTLZD_STAR_FORMING,
+				      d->conf->engine_mc_samples, why, sizeof(why)) == 0) {
+			if (i != n) {
+				s->items[n] = s->items[i];
+				s->out[n] = s->out[i];
+				s->msg[n] = s->msg[i];
+				s->msg[i] = NULL;
+			}
+			n++;
+			continue;
+		}
+		snprintf(detail, sizeof(detail), "engine %s, model %.12s: %s",
+			 mtlz_engine_name(d->engine), d->model_sha256, why);
+		atomic_fetch_add(&d->cnt.dlq_by_reason[MTLZD_R_NONFINITE_OUTPUT], 1);
+		mtlz_log(MTLZ_LOG_WARN, "event=dead_letter partition=%" PRId32 " offset=%" PRId64
+			 " spec_id=%s class=%s detail=\"%s\"", s->items[i].partition,
+			 s->items[i].offset, s->items[i].spec_id,
+			 mtlzd_reason_name(MTLZD_R_NONFINITE_OUTPUT), detail);
+		dead_letter_build(d, s->msg[i], MTLZD_R_NONFINITE_OUTPUT, detail, &dl);
+		if (dead_letter_route(d, &dl, &s->dead[s->n_dead]) == 1)
+			s->n_dead++;  /* n + n_dead <= cap */
+		rd_kafka_message_destroy(s->msg[i]);
+		s->msg[i] = NULL;
+	}
+	s->n = n;
+}
+
 /* @locality infer thread: owns the engine */
 static void *infer_main(void *arg)
 {
@@ -674,6 +826,7 @@ static void *infer_main(void *arg)
 			mtlzd_set_fatal(d);
 		} else {
 			t1 = mtlzd_now_us();
+			quarantine_outputs(d, s);
 			if (!d->eos)
 				mtlzd_publish_results(d, s);
 			else if (mtlzd_txn_run(d, s) > 0)
@@ -698,8 +851,9 @@ static void *infer_main(void *arg)
 struct commit_state {
 	uint64_t stored;          /* offsets_stored at the last commit */
 	int in_flight;            /* a commit awaits its result */
-	int paused;               /* a commit failed: none until a rebalance ends */
+	int paused;               /* a commit failed: none until the group is stable */
 	unsigned rebalances;      /* d->rebalances when paused */
+	unsigned commits_ok;      /* d->commits_ok when paused */
 };
 
 /*
@@ -715,8 +869,13 @@ struct commit_state {
  * here: a daemon joining mid-stream made the working one lose its
  * partitions and 236-300 of 300 inputs were processed twice. A failed
  * commit (the group answers REBALANCE_IN_PROGRESS first) pauses these
- * commits until the rebalance callback has run; librdkafka's own
- * auto-commit, which it holds back while rebalancing, goes on meanwhile.
+ * commits until the group is known to be stable again: the rebalance
+ * callback has run, or one of librdkafka's own auto-commits (which it
+ * holds back while rebalancing and which go on meanwhile) succeeded. The
+ * second matters when the refused commit met no rebalance of ours (a
+ * coordinator moving, a request error): without it the pause lasted until
+ * the next rebalance, possibly forever, and a crash re-read up to an
+ * auto-commit interval instead of the batches in flight.
  * @locality deliver thread
  */
 static void commit_stored(struct mtlzd *d, struct commit_state *c)
@@ -732,14 +891,18 @@ static void commit_stored(struct mtlzd *d, struct commit_state *c)
 			if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET) {
 				c->paused = 1;
 				c->rebalances = atomic_load(&d->rebalances);
+				c->commits_ok = atomic_load(&d->commits_ok);
 				mtlz_log(MTLZ_LOG_DEBUG, "event=commit_paused error=\"%s\"",
 					 rd_kafka_err2str(err));
 			}
 		}
 		rd_kafka_event_destroy(ev);
 	}
-	if (c->paused && atomic_load(&d->rebalances) != c->rebalances)
+	if (c->paused && (atomic_load(&d->rebalances) != c->rebalances ||
+			  atomic_load(&d->commits_ok) != c->commits_ok)) {
 		c->paused = 0;
+		mtlz_log(MTLZ_LOG_DEBUG, "event=commit_resumed");
+	}
 	stored = atomic_load(&d->cnt.offsets_stored);
 	if (c->in_flight || c->paused || stored == c->stored ||
 	    atomic_load(&d->consumer_closing))
@@ -778,6 +941,8 @@ static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 			e = rd_kafka_incremental_assign(rk, parts);
 		else
 			rd_kafka_assign(rk, parts);
+		if (d->paused)
+			rd_kafka_pause_partitions(rk, parts);
 		atomic_store(&d->joined, 1);
 		mtlz_log(MTLZ_LOG_INFO, "event=assigned partitions=%d protocol=%s",
 			 parts->cnt, rd_kafka_rebalance_protocol(rk));
@@ -819,6 +984,19 @@ static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 		rd_kafka_error_destroy(e);
 	}
 	atomic_fetch_add(&d->rebalances, 1);   /* the deliver thread may commit again */
+}
+
+/* librdkafka's auto-commits (the deliver thread's own commits report to
+ * d->commit_q instead). @locality consume thread (inside consumer_poll) */
+static void on_offset_commit(rd_kafka_t *rk, rd_kafka_resp_err_t err,
+			     rd_kafka_topic_partition_list_t *offsets, void *opaque)
+{
+	struct mtlzd *d = opaque;
+
+	(void)rk;
+	(void)offsets;
+	if (!err)
+		atomic_fetch_add(&d->commits_ok, 1);
 }
 
 static void on_error(rd_kafka_t *rk, int err, const char *reason, void *opaque)
@@ -936,6 +1114,7 @@ static rd_kafka_t *make_client(struct mtlzd *d, rd_kafka_type_t type, char *errs
 			       set_kv(kc, "isolation.level", "read_committed", errstr, errstr_size)))
 			goto out_conf;
 		rd_kafka_conf_set_rebalance_cb(kc, on_rebalance);
+		rd_kafka_conf_set_offset_commit_cb(kc, on_offset_commit);
 	} else {
 		for (size_t i = 0; i < MTLZ_ARRAY_SIZE(producer_defaults); i++)
 			if (set_kv(kc, producer_defaults[i][0], producer_defaults[i][1], errstr, errstr_size))
@@ -980,7 +1159,8 @@ static int alloc_slots(struct mtlzd *d)
 		s->out = calloc((size_t)B, sizeof(*s->out));
 		s->dead = calloc((size_t)B, sizeof(*s->dead));
 		s->state = calloc((size_t)B, sizeof(*s->state));
-		if (!s->x || !s->items || !s->out || !s->dead || !s->state)
+		s->msg = calloc((size_t)B, sizeof(*s->msg));
+		if (!s->x || !s->items || !s->out || !s->dead || !s->state || !s->msg)
 			return MTLZ_ERR_NOMEM;
 		s->cap = B;
 		d->free_q[d->n_free++] = i;
@@ -1107,6 +1287,17 @@ int mtlzd_start(struct mtlzd *d, const mtlz_conf *c, volatile sig_atomic_t *stop
 		return MTLZ_ERR_INVALID;
 	rd_kafka_poll_set_consumer(d->consumer);
 	d->commit_q = rd_kafka_queue_new(d->consumer);
+	{
+		/* well inside max.poll.interval.ms (300 s): polling resumes long
+		 * before the group would evict us */
+		char v[32];
+		size_t vs = sizeof(v);
+		const long mpi = rd_kafka_conf_get(rd_kafka_conf(d->consumer),
+						   "max.poll.interval.ms", v, &vs) ==
+						 RD_KAFKA_CONF_OK ? atol(v) : 300000;
+
+		d->pause_after_s = MTLZ_MIN(5.0, mpi / 4000.0);
+	}
 	if (mtlzd_wake_start(&d->wake, d->consumer))
 		return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "cannot start threads");
 	sub = rd_kafka_topic_partition_list_new(1);
@@ -1223,20 +1414,22 @@ static void report_status(struct mtlzd *d, double dt, uint64_t *last_results)
 	mtlz_log(MTLZ_LOG_INFO, "event=status rate=%.1f consumed=%" PRIu64 " results=%" PRIu64
 		 " dead_letter=%" PRIu64 "%s batches=%" PRIu64 " lag=%" PRId64 " unread_partitions=%d"
 		 " consume_busy_ms=%" PRIu64 " engine_busy_ms=%" PRIu64 " publish_busy_ms=%" PRIu64
-		 " fetch_wakes=%" PRIu64,
+		 " fetch_wakes=%" PRIu64 " paused=%d pauses=%" PRIu64,
 		 rate, (uint64_t)atomic_load(&d->cnt.consumed), res, dlq, by_class,
 		 (uint64_t)atomic_load(&d->cnt.batches), lag, unread,
 		 (uint64_t)atomic_load(&d->cnt.consume_busy_us) / 1000,
 		 (uint64_t)atomic_load(&d->cnt.engine_busy_us) / 1000,
 		 (uint64_t)atomic_load(&d->cnt.publish_busy_us) / 1000,
-		 (uint64_t)atomic_load(&d->wake.wakes));
+		 (uint64_t)atomic_load(&d->wake.wakes), d->paused,
+		 (uint64_t)atomic_load(&d->pauses));
 	if (d->eos)
 		mtlz_log(MTLZ_LOG_INFO, "event=txn_status transactions=%" PRIu64 " aborted=%" PRIu64
 			 " rewinds=%" PRIu64, (uint64_t)atomic_load(&d->cnt.txn_committed),
 			 (uint64_t)atomic_load(&d->cnt.txn_aborted),
 			 (uint64_t)atomic_load(&d->cnt.rewinds));
 	sd_notifyf(0, "STATUS=%.1f spectra/s, lag %s%" PRId64 ", %" PRIu64 " results, %" PRIu64
-		   " dead-lettered", rate, unread > 0 ? ">= " : "", lag, res, dlq);
+		   " dead-lettered%s", rate, unread > 0 ? ">= " : "", lag, res, dlq,
+		   d->paused ? ", paused (engine or output stalled)" : "");
 }
 
 int mtlzd_run(struct mtlzd *d)
@@ -1248,13 +1441,14 @@ int mtlzd_run(struct mtlzd *d)
 	int64_t wd_last_us = 0;
 	struct watchdog_seen wd = { 0 };
 	rd_kafka_resp_err_t err;
+	double stalled_since = 0;
 	int ready = 0, rc = 0;
 
 	if (sd_watchdog_enabled(0, &wd_usec) <= 0)
 		wd_usec = 0;
 	while (!*d->stop && !atomic_load(&d->fatal)) {
 		int timeout = 100;
-		rd_kafka_message_t *m;
+		rd_kafka_message_t *m = NULL;
 		double now;
 
 		if (atomic_load(&d->rewind))
@@ -1264,7 +1458,8 @@ int mtlzd_run(struct mtlzd *d)
 
 			timeout = left <= 0 ? 0 : MTLZ_MIN(100, (int)(left * 1000) + 1);
 		}
-		m = rd_kafka_consumer_poll(d->consumer, timeout);
+		if (backpressure(d, &stalled_since))
+			m = rd_kafka_consumer_poll(d->consumer, timeout);
 		if (m && !m->err) {
 			mtlzd_wake_note(&d->wake, m->len);
 			handle_message(d, m);  /* takes m over */
@@ -1351,6 +1546,7 @@ void mtlzd_destroy(struct mtlzd *d)
 		free(d->slots[i].items);
 		free(d->slots[i].out);
 		free(d->slots[i].state);
+		free(d->slots[i].msg);
 	}
 	for (int i = 0; i < d->n_workers; i++) {
 		mtlz_avro_free(d->workers[i].avro);

@@ -22,6 +22,11 @@
  *     although the workers finish out of order, every offset is committed;
  *   - an engine error is retried once; a persistent one stops the daemon
  *     with exit 1 and a restart loses nothing (MTLZ_FAULT_ENGINE);
+ *   - a non-finite engine output is dead-lettered with its original
+ *     message, in both delivery modes (MTLZ_FAULT_ENGINE_NAN);
+ *   - an engine stalled beyond max.poll.interval.ms: the partitions are
+ *     paused, the group keeps the daemon, nothing lost or doubled
+ *     (MTLZ_FAULT_ENGINE_STALL);
  *   - exactly_once: one transaction per batch (dead letters included), an
  *     abortable error aborts and rewinds, a fenced instance stops; and,
  *     against a real cluster only (MTLZ_TEST_KAFKA_BROKERS), kill -9 then
@@ -722,6 +727,35 @@ static long dl_truncated_from;
 
 static int dl_keyed_seen;   /* dead letters of the message keyed "poison-key" */
 
+/* The last "nonfinite_output" dead letter: its key, source and whether its
+ * value is still the original spectrum (decodes, same spec_id as the key). */
+static char dl_nf_key[64];
+static int dl_nf_partition = -1, dl_nf_decoded;
+static long dl_nf_offset = -1;
+
+static void note_nonfinite(const rd_kafka_message_t *m, rd_kafka_headers_t *h)
+{
+	static mtlz_avro *a;
+	mtlz_spectrum sp;
+	const void *v;
+	size_t vl;
+	char err[512];
+
+	snprintf(dl_nf_key, sizeof(dl_nf_key), "%.*s", (int)m->key_len, (const char *)m->key);
+	cr_assert_eq(rd_kafka_header_get_last(h, "mtlz.source.partition", &v, &vl), 0);
+	dl_nf_partition = atoi(v);
+	cr_assert_eq(rd_kafka_header_get_last(h, "mtlz.source.offset", &v, &vl), 0);
+	dl_nf_offset = atol(v);
+	if (!a)
+		a = mtlz_avro_new(MTLZ_SOURCE_DIR "/schemas", NULL, err, sizeof(err));
+	cr_assert_not_null(a, "%s", err);
+	mtlz_spectrum_init(&sp);
+	dl_nf_decoded = mtlz_avro_decode_spectrum(a, m->payload, m->len, &sp, err,
+						  sizeof(err)) == MTLZ_DECODE_OK &&
+			strcmp(sp.spec_id, dl_nf_key) == 0;
+	mtlz_spectrum_clear(&sp);
+}
+
 static int read_dead_letters(int want, const char *const names[], int n_names, int got[])
 {
 	rd_kafka_t *c = client(RD_KAFKA_CONSUMER, "dlq-reader");
@@ -749,6 +783,8 @@ static int read_dead_letters(int want, const char *const names[], int n_names, i
 			for (int k = 0; k < n_names; k++)
 				if (vl == strlen(names[k]) && memcmp(v, names[k], vl) == 0)
 					got[k]++;
+			if (vl == 16 && memcmp(v, "nonfinite_output", 16) == 0)
+				note_nonfinite(m, h);
 			cr_assert_eq(rd_kafka_header_get_last(h, "mtlz.error.detail", &v, &vl), 0);
 			cr_assert_gt(vl, 0);
 			cr_assert_eq(rd_kafka_header_get_last(h, "mtlz.source.offset", &v, &vl), 0);
@@ -1579,6 +1615,93 @@ Test(daemon, persistent_engine_error_exits_1_and_restart_loses_nothing)
 	cr_assert_eq(wait_exit(d, 60), 0);
 }
 
+/*
+ * Backpressure through a stall longer than max.poll.interval.ms (6 s
+ * here): the engine's second batch hangs 15 s (MTLZ_FAULT_ENGINE_STALL),
+ * every slot fills, and the daemon pauses its partitions after 1.5 s
+ * (max.poll.interval.ms / 4) and keeps polling, so the group does not
+ * evict it: no lost assignment, every input exactly one result once the
+ * engine is back, and the status line says it was paused. In exactly_once
+ * (no commits of the deliver thread, whose polling of their queue also
+ * resets librdkafka 2.0.2's poll timer) a daemon that stops polling
+ * instead is evicted after 6 s and re-reads its partitions: this test
+ * fails on that.
+ */
+static void stall_pauses_and_keeps_the_group(const char *const more[])
+{
+	const char *sets[4] = { "kafka.consumer.max.poll.interval.ms=6000" };
+	char env[] = "MTLZ_FAULT_ENGINE_STALL=2:15000";
+	char *extra[] = { env, NULL }, last[1024];
+	pid_t d;
+	int distinct, n, paused_lines;
+
+	for (int i = 0; more && more[i] && i < 2; i++)
+		sets[i + 1] = more[i];
+	d = start_daemon_v("mtlzd", extra, sets);
+	replay(60, "single_object");
+	n = read_results(60, 25, &distinct);  /* idle: through the 15 s stall */
+	cr_assert_eq(distinct, 60, "every input has a result (%d rows, see %s)", n, dir);
+	n = read_results(61, 5, &distinct);
+	cr_assert_eq(n, 60, "and only one: %d rows (see %s)", n, dir);
+	kill(d, SIGTERM);
+	cr_assert_eq(wait_exit(d, 60), 0);
+	cr_assert_eq(count_in_log("mtlzd", "lost=1", NULL, NULL), 0, "evicted (see %s)", dir);
+	cr_assert_eq(count_in_log("mtlzd", "event=paused partitions=", NULL, NULL), 1,
+		     "see %s", dir);
+	cr_assert_eq(count_in_log("mtlzd", "event=resumed partitions=", NULL, NULL), 1,
+		     "see %s", dir);
+	paused_lines = count_in_log("mtlzd", " paused=1 pauses=1", NULL, NULL);
+	cr_assert_geq(paused_lines, 10, "status lines while paused: %d (%s)", paused_lines, dir);
+	last_status("mtlzd", last, sizeof(last));
+	cr_assert(strstr(last, " paused=0 pauses=1"), "%s", last);
+}
+
+Test(daemon, stalled_engine_pauses_partitions_and_keeps_its_group)
+{
+	stall_pauses_and_keeps_the_group(NULL);
+}
+
+/*
+ * An output that cannot be published (MTLZ_FAULT_ENGINE_NAN=2: the second
+ * batch's first spectrum comes out NaN, as from a diverged model) is
+ * dead-lettered as "nonfinite_output" with its original message (it still
+ * decodes, to the spectrum its key names), and every other input gets its
+ * result: no NaN is published, nothing is lost, the stream carries on.
+ */
+static void nonfinite_output_is_dead_lettered(const char *const sets[])
+{
+	static const char *const names[] = { "nonfinite_output" };
+	char env[] = "MTLZ_FAULT_ENGINE_NAN=2";
+	char *extra[] = { env, NULL }, last[1024];
+	pid_t d = start_daemon_v("mtlzd", extra, sets);
+	int distinct, n, got[1] = { 0 };
+
+	replay(40, "single_object");
+	n = read_results(41, 8, &distinct);
+	cr_assert_eq(n, 39, "results: %d (see %s)", n, dir);
+	cr_assert_eq(distinct, 39);
+	dl_nf_partition = -1;
+	cr_assert_eq(read_dead_letters(1, names, 1, got), 1, "see %s", dir);
+	cr_assert_eq(got[0], 1);
+	cr_assert(dl_nf_decoded, "the dead letter keeps the original value (key %s)", dl_nf_key);
+	cr_assert(dl_nf_partition >= 0 && dl_nf_partition < 4 && dl_nf_offset >= 0 &&
+		  dl_nf_offset < 4096);
+	cr_assert(!results_seen[dl_nf_partition][dl_nf_offset],
+		  "%d@%ld has a result as well as a dead letter", dl_nf_partition, dl_nf_offset);
+	kill(d, SIGTERM);
+	cr_assert_eq(wait_exit(d, 60), 0, "a bad output is not fatal");
+	cr_assert_eq(count_in_log("mtlzd", "class=nonfinite_output detail=\"engine cpu, model ",
+				  NULL, NULL), 1, "logged, naming engine and model (%s)", dir);
+	last_status("mtlzd", last, sizeof(last));
+	cr_assert(strstr(last, " dead_letter=1 dead_letter.nonfinite_output=1 "), "%s", last);
+	cr_assert(strstr(last, " results=39 "), "%s", last);
+}
+
+Test(daemon, nonfinite_output_is_dead_lettered_and_stream_continues)
+{
+	nonfinite_output_is_dead_lettered(NULL);
+}
+
 /* ---- exactly_once, as far as the dev broker can show it --------------
  * The mock cluster of librdkafka 2.0.2 runs the transactional protocol but
  * does not store TxnOffsetCommit, writes no commit/abort markers (aborted
@@ -1636,6 +1759,20 @@ Test(daemon, exactly_once_one_transaction_per_batch_with_dead_letters)
 	cr_assert_eq(aborted, 0);
 	cr_assert_eq(count_in_log("mtlzd", "transactional_id=mtlzd-mtlzd-test-", NULL, NULL), 1,
 		     "the derived transactional.id is logged");
+}
+
+Test(daemon, exactly_once_nonfinite_output_is_dead_lettered_in_the_transaction)
+{
+	long txns, aborted, rewinds;
+
+	nonfinite_output_is_dead_lettered(eos_sets);
+	txn_status("mtlzd", &txns, &aborted, &rewinds);
+	cr_assert_eq(aborted, 0, "%s", dir);
+}
+
+Test(daemon, exactly_once_stalled_engine_pauses_partitions_and_keeps_its_group)
+{
+	stall_pauses_and_keeps_the_group(eos_sets);
 }
 
 Test(daemon, exactly_once_oversized_dead_letter_is_cut_and_stream_continues)

@@ -442,3 +442,80 @@ Test(engine, global_average_pool_matches_reference)
 		cr_assert_float_eq(g[c], s / LEN, 1e-6);
 	}
 }
+
+/* A well-formed output (star-forming, sigma from 100 passes), by hand. */
+static mtlz_output good_output(void)
+{
+	mtlz_output o;
+
+	memset(&o, 0, sizeof(o));
+	o.prob[0] = 0.1f;
+	o.prob[1] = 0.7f;
+	o.prob[2] = 0.15f;
+	o.prob[3] = 0.05f;
+	o.cls = 1;
+	o.metal = 8.9f;
+	o.metal_sigma = 0.04f;
+	return o;
+}
+
+static int check(const mtlz_output *o, int mc, char *why)
+{
+	return mtlz_output_check(o, 4, 1, mc, why, 160);
+}
+
+Test(engine, output_check_refuses_what_cannot_be_published)
+{
+	char why[160];
+	mtlz_output o = good_output();
+
+	cr_assert_eq(check(&o, 100, why), 0);
+	/* each defect on its own, and the check names the value */
+	o.prob[2] = NAN;
+	cr_assert_eq(check(&o, 100, why), -1);
+	cr_assert(strstr(why, "probability 2") && strstr(why, "nan"), "%s", why);
+	o = good_output();
+	o.prob[0] = INFINITY;
+	cr_assert_eq(check(&o, 100, why), -1);
+	o = good_output();
+	o.prob[0] = -0.1f;
+	o.prob[2] = 0.35f;  /* sums to 1 still */
+	cr_assert_eq(check(&o, 100, why), -1, "a negative probability");
+	o = good_output();
+	o.prob[3] = 0.5f;  /* sums to 1.45 */
+	cr_assert_eq(check(&o, 100, why), -1);
+	cr_assert(strstr(why, "sum to 1.45"), "%s", why);
+	o = good_output();
+	o.cls = 4;
+	cr_assert_eq(check(&o, 100, why), -1, "class out of range");
+	o.cls = -1;
+	cr_assert_eq(check(&o, 100, why), -1);
+	o = good_output();
+	o.cls = 2;  /* 0.15 < 0.7: not the argmax */
+	cr_assert_eq(check(&o, 100, why), -1);
+	cr_assert(strstr(why, "below class 1"), "%s", why);
+	o = good_output();
+	o.metal = NAN;
+	cr_assert_eq(check(&o, 100, why), -1, "star-forming needs a metallicity");
+	cr_assert(strstr(why, "metallicity is nan"), "%s", why);
+	o = good_output();
+	o.metal_sigma = NAN;
+	cr_assert_eq(check(&o, 100, why), -1, "with MC passes, a sigma");
+	cr_assert_eq(check(&o, 0, why), 0, "without MC passes the sigma is NaN by design");
+	o.metal_sigma = -1.0f;
+	cr_assert_eq(check(&o, 100, why), -1);
+	/* not star-forming: the metallicity is not published, whatever it is */
+	o = good_output();
+	o.prob[1] = 0.1f;
+	o.prob[0] = 0.7f;
+	o.cls = 0;
+	o.metal = o.metal_sigma = NAN;
+	cr_assert_eq(check(&o, 100, why), 0);
+	/* ties: either of two equal largest probabilities is the class */
+	o = good_output();
+	o.prob[0] = o.prob[1] = 0.4f;
+	o.prob[2] = 0.15f;
+	cr_assert_eq(check(&o, 100, why), 0);
+	o.cls = 0;
+	cr_assert_eq(check(&o, 100, why), 0);
+}
