@@ -6,6 +6,7 @@
  */
 #define _GNU_SOURCE
 #include "mtlzd.h"
+#include "batcher.h"
 #include "common.h"
 #include "log.h"
 
@@ -519,7 +520,7 @@ static void handle_message(struct mtlzd *d, rd_kafka_message_t *m)
 	d->n_jobs++;
 	pthread_cond_signal(&d->cond_work);
 	pthread_mutex_unlock(&d->work_lock);
-	if (slot_count(s) == d->conf->batch_max_size)
+	if (mtlzd_batch_full(slot_count(s), d->conf->batch_max_size))
 		mtlzd_close_open_slot(d);
 }
 
@@ -1447,19 +1448,18 @@ int mtlzd_run(struct mtlzd *d)
 	if (sd_watchdog_enabled(0, &wd_usec) <= 0)
 		wd_usec = 0;
 	while (!*d->stop && !atomic_load(&d->fatal)) {
-		int timeout = 100;
+		const struct mtlzd_slot *os;
 		rd_kafka_message_t *m = NULL;
 		double now;
 
 		if (atomic_load(&d->rewind))
 			mtlzd_txn_rewind(d);
-		if (d->open_slot >= 0 && slot_count(&d->slots[d->open_slot]) > 0) {
-			const double left = d->slots[d->open_slot].opened_at + delay - mtlz_now();
-
-			timeout = left <= 0 ? 0 : MTLZ_MIN(100, (int)(left * 1000) + 1);
+		if (backpressure(d, &stalled_since)) {
+			os = d->open_slot >= 0 ? &d->slots[d->open_slot] : NULL;
+			m = rd_kafka_consumer_poll(d->consumer, os ?
+				mtlzd_batch_poll_ms(slot_count(os), os->opened_at, delay,
+						    mtlz_now(), 100) : 100);
 		}
-		if (backpressure(d, &stalled_since))
-			m = rd_kafka_consumer_poll(d->consumer, timeout);
 		if (m && !m->err) {
 			mtlzd_wake_note(&d->wake, m->len);
 			handle_message(d, m);  /* takes m over */
@@ -1470,8 +1470,8 @@ int mtlzd_run(struct mtlzd *d)
 			rd_kafka_message_destroy(m);
 		}
 		now = mtlz_now();
-		if (d->open_slot >= 0 && slot_count(&d->slots[d->open_slot]) > 0 &&
-		    now - d->slots[d->open_slot].opened_at >= delay)
+		os = d->open_slot >= 0 ? &d->slots[d->open_slot] : NULL;
+		if (os && mtlzd_batch_due(slot_count(os), os->opened_at, delay, now))
 			mtlzd_close_open_slot(d);
 		if (!ready && atomic_load(&d->joined)) {
 			ready = 1;

@@ -7,9 +7,8 @@
  *   - a third-party client (python3-confluent-kafka + python3-avro, with
  *     result.avsc alone) decodes all three output framings, and kcat reads
  *     the topic's keys and headers;
- *   - poison messages of every reason class but "invalid" (our encoder
- *     cannot write one; test_avro_io covers it) -> dead-letter topic with
- *     reason headers, and the stream carries on;
+ *   - poison messages of every input reason class -> dead-letter topic
+ *     with reason headers, and the stream carries on;
  *   - SIGTERM drains and commits (a restart produces nothing new);
  *   - kill -9 mid-stream, restart: nothing lost;
  *   - systemd notifications on a socket the test owns;
@@ -825,7 +824,8 @@ Test(daemon, poison_messages_go_to_dead_letter_and_stream_continues)
 	size_t len;
 	char err[512];
 	static const char *const want[] = { "framing", "schema", "avro", "oversize", "coverage",
-				      "nonpositive_mean", "no_data", "bad_grid", "bad_pixels" };
+				      "nonpositive_mean", "no_data", "bad_grid", "bad_pixels",
+				      "invalid" };
 	enum { N_WANT = sizeof(want) / sizeof(want[0]) };
 	int got[N_WANT] = { 0 }, n_dlq = 0, distinct;
 
@@ -876,6 +876,10 @@ Test(daemon, poison_messages_go_to_dead_letter_and_stream_continues)
 		s.flux[i] = 1.0f;
 	s.step = -2;
 	produce_spectrum(p, a, &s);
+	/* invalid: a non-finite grid start decodes, but is unusable */
+	s.step = 2;
+	s.start = 0.0 / 0.0;
+	produce_spectrum(p, a, &s);
 	mtlz_spectrum_clear(&s);
 	/* bad_pixels: two thirds of the pixels with ivar = 0 */
 	mtlz_spectrum_init(&s);
@@ -914,7 +918,7 @@ Test(daemon, poison_messages_go_to_dead_letter_and_stream_continues)
 		cr_assert_gt(count_in_log("mtlzd", field, NULL, NULL), 0,
 			     "status counts class %s (see %s)", want[k], dir);
 	}
-	cr_assert_gt(count_in_log("mtlzd", " dead_letter=9 ", NULL, NULL), 0, "see %s", dir);
+	cr_assert_gt(count_in_log("mtlzd", " dead_letter=10 ", NULL, NULL), 0, "see %s", dir);
 }
 
 /* Starts mtlz-replay of `count` spectra at `rate`/s in the background. */
