@@ -887,6 +887,8 @@ static void commit_stored(struct mtlzd *d, struct commit_state *c)
 	while ((ev = rd_kafka_queue_poll(d->commit_q, 0))) {
 		const rd_kafka_resp_err_t err = rd_kafka_event_error(ev);
 
+		mtlz_log(MTLZ_LOG_DEBUG, "event=commit_result type=%s error=\"%s\"",
+			 rd_kafka_event_name(ev), rd_kafka_err2str(err));
 		if (rd_kafka_event_type(ev) == RD_KAFKA_EVENT_OFFSET_COMMIT) {
 			c->in_flight = 0;
 			if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET) {
@@ -911,6 +913,8 @@ static void commit_stored(struct mtlzd *d, struct commit_state *c)
 	c->stored = stored;
 	c->in_flight = rd_kafka_commit_queue(d->consumer, NULL, d->commit_q, NULL, NULL) ==
 		       RD_KAFKA_RESP_ERR_NO_ERROR;
+	mtlz_log(MTLZ_LOG_DEBUG, "event=commit_sent stored=%" PRIu64 " in_flight=%d", stored,
+		 c->in_flight);
 }
 
 /* @locality deliver thread */
