@@ -44,13 +44,18 @@
 # fetch.max.bytes; mtlzd now caps it at 4 MB). mtlz-replay
 # does not: paced and with linger.ms=5 by default, its batches hold ~30
 # messages. PRODUCER=replay uses `mtlz-replay --loop` (small fetches).
+# PRODUCER=real replays the bundled real spectra instead (tests/data: four
+# SDSS spec files and the DESI coadd, 46-93 KB each) with `mtlz-replay
+# --loop`: the backlog the prefetch bound meets in production, limited by
+# the mock's 5 MiB a partition to ~50 spectra a partition (N=12000 with
+# P=256).
 # COMPRESSION=lz4|zstd|gzip|snappy (bulk only) compresses the batches, as a
 # pipeline's producer may: fetch.max.bytes and max.partition.fetch.bytes
 # then count compressed bytes and one Fetch can bring many more messages.
 #
 # usage: bench/backlog_rss.sh [N (default 1000000)]
 # environment: B=build folder (build), P=partitions (256), MC=MC-dropout
-#   passes (10), T=engine threads (all cores), PRODUCER=bulk|replay (bulk),
+#   passes (10), T=engine threads (all cores), PRODUCER=bulk|replay|real (bulk),
 #   COMPRESSION (none),
 #   MAX_S=longest drain before giving up (3600), STALL_S=no progress for
 #   that long = stalled (120), EXTRA=more mtlzd options
@@ -194,9 +199,14 @@ echo "# $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; N=$N partitions
 bench_broker "$P"
 
 t0=$(date +%s.%N)
-if [ "$PRODUCER" = replay ]; then
+if [ "$PRODUCER" = replay ] || [ "$PRODUCER" = real ]; then
+	src="$work/tiny.avro"
+	[ "$PRODUCER" = real ] && src="tests/data/spec-0266-51602-0001.fits tests/data/spec-0266-51630-0174.fits
+		tests/data/spec-0266-51602-0573.fits tests/data/spec-3586-55181-0003.fits
+		tests/data/coadd-4-80613.fits"
+	# shellcheck disable=SC2086
 	$B/tools/mtlz-replay --brokers "$bootstrap" --topic spectra --loop --count "$N" \
-		"$work/tiny.avro" > "$work/replay.log" 2>&1 || { cat "$work/replay.log"; exit 1; }
+		$src > "$work/replay.log" 2>&1 || { cat "$work/replay.log"; exit 1; }
 	delivered=$(sed -n 's/.*delivered=\([0-9]*\).*/\1/p' "$work/replay.log" | tail -1)
 else
 	/usr/bin/python3 "$work/bulk.py" "$PWD/schemas/spectrum.avsc" "$bootstrap" spectra "$N" \
