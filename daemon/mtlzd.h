@@ -94,8 +94,8 @@ struct mtlzd_item {
 /* A dead-letter record, ready to produce: the original value and key
  * (truncated to fit the producer's message.max.bytes, see the headers) and
  * the original headers plus mtlz.error.* / mtlz.source.*. Deferred to its
- * slot's transaction in exactly_once, with value and key copied (buf) so
- * that no consumer message is held. */
+ * slot's transaction in exactly_once, with value and key copied (buf):
+ * the message they came from is handed back to librdkafka first. */
 struct mtlzd_dead {
 	const void *value, *key;
 	size_t value_len, key_len;

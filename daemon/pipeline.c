@@ -387,8 +387,12 @@ static void set_paused(struct mtlzd *d, int pause, double waited_s)
 		if (n)
 			err = pause ? rd_kafka_pause_partitions(d->consumer, a) :
 				      rd_kafka_resume_partitions(d->consumer, a);
+		for (int i = 0; !err && i < n; i++)
+			err = a->elems[i].err;
 		rd_kafka_topic_partition_list_destroy(a);
 	}
+	/* not expected for partitions we hold; a partition left unpaused
+	 * can only bring a message that then waits for a slot, as before */
 	if (err)
 		mtlz_log(MTLZ_LOG_WARN, "event=%s_failed error=\"%s\"", pause ? "pause" : "resume",
 			 rd_kafka_err2str(err));
@@ -828,10 +832,14 @@ static void *infer_main(void *arg)
 		} else {
 			t1 = mtlzd_now_us();
 			quarantine_outputs(d, s);
-			if (!d->eos)
+			if (atomic_load(&d->fatal)) {
+				/* a dead letter could not be kept: nothing of this
+				 * slot is produced or committed, it is read again */
+			} else if (!d->eos) {
 				mtlzd_publish_results(d, s);
-			else if (mtlzd_txn_run(d, s) > 0)
+			} else if (mtlzd_txn_run(d, s) > 0) {
 				atomic_store(&d->rewind, 1);
+			}
 			if (s->n + s->n_dead > 0)
 				atomic_fetch_add(&d->cnt.batches, 1);
 			atomic_fetch_add(&d->cnt.engine_busy_us, (uint64_t)(t1 - t0));
@@ -846,6 +854,28 @@ static void *infer_main(void *arg)
 		pthread_mutex_unlock(&d->lock);
 	}
 	return NULL;
+}
+
+/*
+ * mtlzd's own commits carry this callback, so that the configured
+ * offset_commit_cb (on_offset_commit) hears only librdkafka's auto-commits:
+ * librdkafka calls the configured one for a commit that brings no callback
+ * of its own. Their results are read elsewhere (the commit queue's events,
+ * or the synchronous call's return value).
+ */
+static void own_commit_done(rd_kafka_t *rk, rd_kafka_resp_err_t err,
+			    rd_kafka_topic_partition_list_t *offsets, void *opaque)
+{
+	(void)rk;
+	(void)err;
+	(void)offsets;
+	(void)opaque;
+}
+
+/* Commits the stored offsets and waits for the result. */
+static rd_kafka_resp_err_t commit_sync(rd_kafka_t *rk)
+{
+	return rd_kafka_commit_queue(rk, NULL, NULL, own_commit_done, NULL);
 }
 
 /* The delivery thread's commits (at-least-once). */
@@ -911,8 +941,8 @@ static void commit_stored(struct mtlzd *d, struct commit_state *c)
 	    atomic_load(&d->consumer_closing))
 		return;
 	c->stored = stored;
-	c->in_flight = rd_kafka_commit_queue(d->consumer, NULL, d->commit_q, NULL, NULL) ==
-		       RD_KAFKA_RESP_ERR_NO_ERROR;
+	c->in_flight = rd_kafka_commit_queue(d->consumer, NULL, d->commit_q, own_commit_done,
+					     NULL) == RD_KAFKA_RESP_ERR_NO_ERROR;
 	mtlz_log(MTLZ_LOG_DEBUG, "event=commit_sent stored=%" PRIu64 " in_flight=%d", stored,
 		 c->in_flight);
 }
@@ -946,8 +976,12 @@ static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 			e = rd_kafka_incremental_assign(rk, parts);
 		else
 			rd_kafka_assign(rk, parts);
+		/* librdkafka keeps an application pause on a partition across
+		 * unassign and assign: set it to ours either way */
 		if (d->paused)
 			rd_kafka_pause_partitions(rk, parts);
+		else
+			rd_kafka_resume_partitions(rk, parts);
 		atomic_store(&d->joined, 1);
 		mtlz_log(MTLZ_LOG_INFO, "event=assigned partitions=%d protocol=%s",
 			 parts->cnt, rd_kafka_rebalance_protocol(rk));
@@ -963,7 +997,7 @@ static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 		if (!d->eos) {
 			rd_kafka_flush(d->producer, 30 * 1000);
 			if (!lost)
-				rd_kafka_commit(rk, NULL, 0);
+				commit_sync(rk);
 		}
 		/* exactly_once: the offsets were committed in the transactions */
 		for (int i = 0; i < parts->cnt; i++) {
@@ -991,17 +1025,24 @@ static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 	atomic_fetch_add(&d->rebalances, 1);   /* the deliver thread may commit again */
 }
 
-/* librdkafka's auto-commits (the deliver thread's own commits report to
- * d->commit_q instead). @locality consume thread (inside consumer_poll) */
+/* librdkafka's auto-commits (mtlzd's own carry own_commit_done): a full
+ * success counts in d->commits_ok (the group is stable: the deliver
+ * thread's paused commits may resume); a failure is logged, as librdkafka
+ * itself would without this callback. @locality consume thread (inside
+ * consumer_poll) */
 static void on_offset_commit(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 			     rd_kafka_topic_partition_list_t *offsets, void *opaque)
 {
 	struct mtlzd *d = opaque;
 
 	(void)rk;
-	(void)offsets;
+	for (int i = 0; !err && offsets && i < offsets->cnt; i++)
+		err = offsets->elems[i].err;
 	if (!err)
 		atomic_fetch_add(&d->commits_ok, 1);
+	else if (err != RD_KAFKA_RESP_ERR__NO_OFFSET)
+		mtlz_log(MTLZ_LOG_WARN, "event=auto_commit_failed error=\"%s\"",
+			 rd_kafka_err2str(err));
 }
 
 static void on_error(rd_kafka_t *rk, int err, const char *reason, void *opaque)
@@ -1500,7 +1541,7 @@ int mtlzd_run(struct mtlzd *d)
 			rc = -1;
 		/* exactly_once: the transactions committed the offsets; a batch
 		 * aborted just now is simply read again by the next owner */
-		err = d->eos ? RD_KAFKA_RESP_ERR_NO_ERROR : rd_kafka_commit(d->consumer, NULL, 0);
+		err = d->eos ? RD_KAFKA_RESP_ERR_NO_ERROR : commit_sync(d->consumer);
 		if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
 			mtlz_log(MTLZ_LOG_WARN, "event=commit_failed error=\"%s\"",
 				 rd_kafka_err2str(err));

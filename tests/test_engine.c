@@ -446,16 +446,9 @@ Test(engine, global_average_pool_matches_reference)
 /* A well-formed output (star-forming, sigma from 100 passes), by hand. */
 static mtlz_output good_output(void)
 {
-	mtlz_output o;
+	const mtlz_output o = { .prob = { 0.1f, 0.7f, 0.15f, 0.05f }, .cls = 1,
+				.metal = 8.9f, .metal_sigma = 0.04f };
 
-	memset(&o, 0, sizeof(o));
-	o.prob[0] = 0.1f;
-	o.prob[1] = 0.7f;
-	o.prob[2] = 0.15f;
-	o.prob[3] = 0.05f;
-	o.cls = 1;
-	o.metal = 8.9f;
-	o.metal_sigma = 0.04f;
 	return o;
 }
 
