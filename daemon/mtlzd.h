@@ -206,6 +206,9 @@ struct mtlzd {
 	rd_kafka_queue_t *commit_q;   /* results of the deliver thread's commits */
 	atomic_uint rebalances;       /* rebalance callbacks run so far */
 	atomic_uint commits_ok;       /* librdkafka's auto-commits that succeeded */
+	atomic_int commit_hold;       /* rebalance callbacks to come before the
+				       * deliver thread commits again (consume) */
+	int revoke_pending;           /* consume: a revoke awaits its assign */
 	struct mtlzd_counters cnt;
 	struct mtlzd_wake wake;
 

@@ -124,9 +124,10 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
 /* ---- producing ------------------------------------------------------ */
 
 /* Produces one message, retrying while the local queue is full (that is the
- * backpressure: the caller's thread waits, slots stay busy, the consumer
- * stops polling). Returns 0, or -1 on a non-retriable error (fatal in
- * at_least_once; in exactly_once the transaction aborts or fails). */
+ * backpressure: the caller's thread waits, slots stay busy, the consume
+ * thread stops taking messages and then pauses, see backpressure()).
+ * Returns 0, or -1 on a non-retriable error (fatal in at_least_once; in
+ * exactly_once the transaction aborts or fails). */
 static int produce(struct mtlzd *d, const char *topic, const void *val, size_t len,
 		   const char *key, size_t klen, rd_kafka_headers_t *hdrs, void *op)
 {
@@ -883,7 +884,6 @@ struct commit_state {
 	uint64_t stored;          /* offsets_stored at the last commit */
 	int in_flight;            /* a commit awaits its result */
 	int paused;               /* a commit failed: none until the group is stable */
-	unsigned rebalances;      /* d->rebalances when paused */
 	unsigned commits_ok;      /* d->commits_ok when paused */
 };
 
@@ -898,15 +898,22 @@ struct commit_state {
  * drop its assignment as lost (librdkafka issue #4059, fixed by PR #4908),
  * and then the next owner re-reads everything since the last commit. Seen
  * here: a daemon joining mid-stream made the working one lose its
- * partitions and 236-300 of 300 inputs were processed twice. A failed
- * commit (the group answers REBALANCE_IN_PROGRESS first) pauses these
- * commits until the group is known to be stable again: the rebalance
- * callback has run, or one of librdkafka's own auto-commits (which it
- * holds back while rebalancing and which go on meanwhile) succeeded. The
- * second matters when the refused commit met no rebalance of ours (a
- * coordinator moving, a request error): without it the pause lasted until
- * the next rebalance, possibly forever, and a crash re-read up to an
- * auto-commit interval instead of the batches in flight.
+ * partitions and 236-300 of 300 inputs were processed twice. So:
+ *  - none from a revoke callback until the rebalance is over
+ *    (d->commit_hold, kept by on_rebalance): a cooperative rebalance that
+ *    revoked anything has a second round after our callbacks, the rejoin
+ *    that hands the revoked partitions over, and a commit sent during it
+ *    queues behind the JoinGroup on the coordinator's connection, comes
+ *    back ILLEGAL_GENERATION with the next generation, and that one
+ *    failure loses the assignment (seen under ASan with
+ *    kafka.consumer.debug=cgrp, 2026-11-27: 7-47 inputs twice);
+ *  - none after a failed commit until the group is known to be stable.
+ * Either ends when one of librdkafka's own auto-commits succeeds (it holds
+ * them back while the group rebalances, so a success means a stable
+ * group; except its commit of the partitions a revoke gives up, which
+ * on_offset_commit ignores); without that a failure that met no rebalance
+ * of ours (a coordinator moving, a request error) paused these commits for
+ * good.
  * @locality deliver thread
  */
 static void commit_stored(struct mtlzd *d, struct commit_state *c)
@@ -923,7 +930,6 @@ static void commit_stored(struct mtlzd *d, struct commit_state *c)
 			c->in_flight = 0;
 			if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET) {
 				c->paused = 1;
-				c->rebalances = atomic_load(&d->rebalances);
 				c->commits_ok = atomic_load(&d->commits_ok);
 				mtlz_log(MTLZ_LOG_DEBUG, "event=commit_paused error=\"%s\"",
 					 rd_kafka_err2str(err));
@@ -931,14 +937,13 @@ static void commit_stored(struct mtlzd *d, struct commit_state *c)
 		}
 		rd_kafka_event_destroy(ev);
 	}
-	if (c->paused && (atomic_load(&d->rebalances) != c->rebalances ||
-			  atomic_load(&d->commits_ok) != c->commits_ok)) {
+	if (c->paused && atomic_load(&d->commits_ok) != c->commits_ok) {
 		c->paused = 0;
 		mtlz_log(MTLZ_LOG_DEBUG, "event=commit_resumed");
 	}
 	stored = atomic_load(&d->cnt.offsets_stored);
-	if (c->in_flight || c->paused || stored == c->stored ||
-	    atomic_load(&d->consumer_closing))
+	if (c->in_flight || c->paused || atomic_load(&d->commit_hold) > 0 ||
+	    stored == c->stored || atomic_load(&d->consumer_closing))
 		return;
 	c->stored = stored;
 	c->in_flight = rd_kafka_commit_queue(d->consumer, NULL, d->commit_q, own_commit_done,
@@ -983,6 +988,11 @@ static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 		else
 			rd_kafka_resume_partitions(rk, parts);
 		atomic_store(&d->joined, 1);
+		/* the assign that ends a revoke's round, then the one that ends
+		 * the rejoin round (cooperative): see commit_stored */
+		d->revoke_pending = 0;
+		if (atomic_load(&d->commit_hold) > 0)
+			atomic_fetch_sub(&d->commit_hold, 1);
 		mtlz_log(MTLZ_LOG_INFO, "event=assigned partitions=%d protocol=%s",
 			 parts->cnt, rd_kafka_rebalance_protocol(rk));
 	} else {
@@ -993,6 +1003,10 @@ static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 		 * are possible in at-least-once, loss is not). */
 		const int lost = rd_kafka_assignment_lost(rk);
 
+		/* no per-batch commits until the rebalance is over: its assign,
+		 * and with cooperative the rejoin round's (commit_stored) */
+		atomic_store(&d->commit_hold, coop ? 2 : 1);
+		d->revoke_pending = 1;
 		drain_slots(d);
 		if (!d->eos) {
 			rd_kafka_flush(d->producer, 30 * 1000);
@@ -1022,7 +1036,7 @@ static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 			 rd_kafka_error_string(e));
 		rd_kafka_error_destroy(e);
 	}
-	atomic_fetch_add(&d->rebalances, 1);   /* the deliver thread may commit again */
+	atomic_fetch_add(&d->rebalances, 1);
 }
 
 /* librdkafka's auto-commits (mtlzd's own carry own_commit_done): a full
@@ -1038,8 +1052,14 @@ static void on_offset_commit(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 	(void)rk;
 	for (int i = 0; !err && offsets && i < offsets->cnt; i++)
 		err = offsets->elems[i].err;
-	if (!err)
+	if (!err) {
 		atomic_fetch_add(&d->commits_ok, 1);
+		/* the group is stable; but not the commit librdkafka makes
+		 * for the partitions a revoke gives up, which answers before
+		 * the revoke's round (and the rejoin) is over */
+		if (!d->revoke_pending)
+			atomic_store(&d->commit_hold, 0);
+	}
 	else if (err != RD_KAFKA_RESP_ERR__NO_OFFSET)
 		mtlz_log(MTLZ_LOG_WARN, "event=auto_commit_failed error=\"%s\"",
 			 rd_kafka_err2str(err));
