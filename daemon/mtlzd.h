@@ -204,7 +204,6 @@ struct mtlzd {
 	mtlz_offsets *tracker;
 	atomic_int consumer_closing;  /* the deliver thread commits no more */
 	rd_kafka_queue_t *commit_q;   /* results of the deliver thread's commits */
-	atomic_uint rebalances;       /* rebalance callbacks run so far */
 	atomic_uint commits_ok;       /* librdkafka's auto-commits that succeeded */
 	atomic_int commit_hold;       /* rebalance callbacks to come before the
 				       * deliver thread commits again (consume) */

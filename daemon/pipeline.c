@@ -306,6 +306,14 @@ static int ensure_open_slot(struct mtlzd *d)
 	return 0;
 }
 
+/* Moves spectrum i's item and held message down to position n < i. */
+static void slot_move_spectrum(struct mtlzd_slot *s, int n, int i)
+{
+	s->items[n] = s->items[i];
+	s->msg[n] = s->msg[i];
+	s->msg[i] = NULL;
+}
+
 /* Moves a filled slot's spectra to x/items[0..n) and its deferred dead
  * letters to dead[0..n_dead), keeping arrival order.
  * @locality the thread that owns the filled slot (infer; consume at stop) */
@@ -319,9 +327,7 @@ static void slot_compact(struct mtlzd *d, struct mtlzd_slot *s)
 			if (i != n) {
 				memcpy(s->x + (size_t)n * d->L, s->x + (size_t)i * d->L,
 				       (size_t)d->L * sizeof(float));
-				s->items[n] = s->items[i];
-				s->msg[n] = s->msg[i];
-				s->msg[i] = NULL;
+				slot_move_spectrum(s, n, i);
 			}
 			n++;
 			break;
@@ -767,10 +773,8 @@ static void quarantine_outputs(struct mtlzd *d, struct mtlzd_slot *s)
 		if (mtlz_output_check(&s->out[i], K, MTLZD_STAR_FORMING,
 				      d->conf->engine_mc_samples, why, sizeof(why)) == 0) {
 			if (i != n) {
-				s->items[n] = s->items[i];
+				slot_move_spectrum(s, n, i);
 				s->out[n] = s->out[i];
-				s->msg[n] = s->msg[i];
-				s->msg[i] = NULL;
 			}
 			n++;
 			continue;
@@ -1036,7 +1040,6 @@ static void on_rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 			 rd_kafka_error_string(e));
 		rd_kafka_error_destroy(e);
 	}
-	atomic_fetch_add(&d->rebalances, 1);
 }
 
 /* librdkafka's auto-commits (mtlzd's own carry own_commit_done): a full
@@ -1213,6 +1216,19 @@ out_conf:
 	return NULL;
 }
 
+/* How long backpressure waits without polling before it pauses: well
+ * inside max.poll.interval.ms (300 s), so polling resumes long before the
+ * group would evict us. */
+static double pause_after_s(rd_kafka_t *consumer)
+{
+	char v[32];
+	size_t vs = sizeof(v);
+	const long mpi = rd_kafka_conf_get(rd_kafka_conf(consumer), "max.poll.interval.ms", v,
+					   &vs) == RD_KAFKA_CONF_OK ? atol(v) : 300000;
+
+	return MTLZ_MIN(5.0, mpi / 4000.0);
+}
+
 static int alloc_slots(struct mtlzd *d)
 {
 	const int B = d->conf->batch_max_size;
@@ -1353,17 +1369,7 @@ int mtlzd_start(struct mtlzd *d, const mtlz_conf *c, volatile sig_atomic_t *stop
 		return MTLZ_ERR_INVALID;
 	rd_kafka_poll_set_consumer(d->consumer);
 	d->commit_q = rd_kafka_queue_new(d->consumer);
-	{
-		/* well inside max.poll.interval.ms (300 s): polling resumes long
-		 * before the group would evict us */
-		char v[32];
-		size_t vs = sizeof(v);
-		const long mpi = rd_kafka_conf_get(rd_kafka_conf(d->consumer),
-						   "max.poll.interval.ms", v, &vs) ==
-						 RD_KAFKA_CONF_OK ? atol(v) : 300000;
-
-		d->pause_after_s = MTLZ_MIN(5.0, mpi / 4000.0);
-	}
+	d->pause_after_s = pause_after_s(d->consumer);
 	if (mtlzd_wake_start(&d->wake, d->consumer))
 		return mtlz_err(errstr, errstr_size, MTLZ_ERR_NOMEM, "cannot start threads");
 	sub = rd_kafka_topic_partition_list_new(1);
